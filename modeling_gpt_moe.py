@@ -1,0 +1,478 @@
+"""GPT-2 with Mixture-of-Experts feed-forward layers, as a Hugging Face Transformers model.
+
+Classes in the order data flows through them: attention, dense MLP, router, experts, MoE
+block, transformer block, the base model and the causal-LM head. Weight names follow GPT-2
+(`wte`, `wpe`, `h.N.attn.c_attn`, `ln_f`, ...) so converting OpenAI's checkpoint is a list of
+transposes. This file travels with every checkpoint as remote code: it imports only torch,
+transformers and the config file.
+"""
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.integrations import use_experts_implementation
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple
+
+try:
+    from .configuration_gpt_moe import GPTMoEConfig
+except ImportError:  # imported from the repository root rather than as remote code
+    from configuration_gpt_moe import GPTMoEConfig
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, nh, T, S)
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()  # (B, T, nh, hs)
+    return attn_output, attn_weights
+
+
+class GPTMoEAttention(nn.Module):
+    """Causal self-attention, dispatched to transformers' attention backends (sdpa, flash, flex, eager)."""
+
+    def __init__(self, config: GPTMoEConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.n_embd // config.n_head
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = True
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.is_residual_projection = True
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        past_key_values: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch_size, seq_len, _ = hidden_states.shape
+        head_shape = (batch_size, seq_len, -1, self.head_dim)
+        query, key, value = self.c_attn(hidden_states).split(self.config.n_embd, dim=2)
+        query = query.view(head_shape).transpose(1, 2)  # (B, nh, T, hs)
+        key = key.view(head_shape).transpose(1, 2)
+        value = value.view(head_shape).transpose(1, 2)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.config.dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(batch_size, seq_len, -1)  # (B, T, C)
+        return self.resid_dropout(self.c_proj(attn_output)), attn_weights
+
+
+class GPTMoEMLP(nn.Module):
+    """GPT-2's feed-forward network; also the always-on shared experts of a MoE layer."""
+
+    def __init__(self, config: GPTMoEConfig, intermediate_size: int):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, intermediate_size, bias=config.bias)
+        self.act = ACT2FN[config.activation_function]
+        self.c_proj = nn.Linear(intermediate_size, config.n_embd, bias=config.bias)
+        self.c_proj.is_residual_projection = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.act(self.c_fc(hidden_states))))
+
+
+class GPTMoERouter(nn.Module):
+    """Token-choice top-k router: softmax over experts in float32, keep the k largest.
+
+    Returns the raw logits (N, E), the routing weights (N, k) and the chosen experts (N, k).
+    """
+
+    def __init__(self, config: GPTMoEConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.n_embd))
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        router_logits = F.linear(hidden_states, self.weight)  # (N, E)
+        router_probs = F.softmax(router_logits, dim=-1, dtype=torch.float32)
+        top_k_weights, top_k_index = torch.topk(router_probs, self.top_k, dim=-1)  # (N, k)
+        if self.norm_topk_prob:
+            top_k_weights = top_k_weights / top_k_weights.sum(dim=-1, keepdim=True)
+        return router_logits, top_k_weights.to(hidden_states.dtype), top_k_index
+
+
+@use_experts_implementation(has_gate=False, has_bias=True)
+class GPTMoEExperts(nn.Module):
+    """E GPT-2 MLPs stored as 3D tensors, so `experts_implementation` can pick grouped GEMMs.
+
+    This forward is the "eager" implementation: tokens are sorted by expert once, each expert
+    runs one dense MLP over its contiguous slice, and results are put back in token order.
+    No token is ever dropped (no capacity factor).
+    """
+
+    def __init__(self, config: GPTMoEConfig):
+        super().__init__()
+        self.num_experts = config.num_experts
+        hidden, intermediate = config.n_embd, config.moe_intermediate_size
+        self.up_proj = nn.Parameter(torch.empty(self.num_experts, intermediate, hidden))
+        self.up_proj_bias = nn.Parameter(torch.empty(self.num_experts, intermediate))
+        self.down_proj = nn.Parameter(torch.empty(self.num_experts, hidden, intermediate))
+        self.down_proj_bias = nn.Parameter(torch.empty(self.num_experts, hidden))
+        self.act_fn = ACT2FN[config.activation_function]
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        num_tokens, top_k = top_k_index.shape
+        expert_ids = top_k_index.reshape(-1)  # (N*k,)
+        order = torch.argsort(expert_ids, stable=True)
+        tokens_per_expert = torch.bincount(expert_ids, minlength=self.num_experts).tolist()
+        routed = hidden_states[order // top_k].split(tokens_per_expert)  # E slices of (n_e, H)
+        expert_outputs = []
+        for e, x in enumerate(routed):
+            x = self.act_fn(F.linear(x, self.up_proj[e], self.up_proj_bias[e]))
+            expert_outputs.append(F.linear(x, self.down_proj[e], self.down_proj_bias[e]))
+        sorted_outputs = torch.cat(expert_outputs) * top_k_weights.reshape(-1)[order, None]
+        outputs = sorted_outputs.new_empty(sorted_outputs.shape).index_copy(0, order, sorted_outputs)
+        return outputs.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)  # (N, H)
+
+
+class GPTMoESparseMoeBlock(nn.Module):
+    """Router + routed experts (+ optional shared experts). Returns the output and the router logits."""
+
+    def __init__(self, config: GPTMoEConfig):
+        super().__init__()
+        self.router = GPTMoERouter(config)
+        self.experts = GPTMoEExperts(config)
+        self.shared_experts = (
+            GPTMoEMLP(config, config.n_shared_experts * config.moe_intermediate_size)
+            if config.n_shared_experts > 0
+            else None
+        )
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch_size, seq_len, hidden_dim = hidden_states.shape
+        flat = hidden_states.view(-1, hidden_dim)  # (N, H)
+        router_logits, top_k_weights, top_k_index = self.router(flat)
+        output = self.experts(flat, top_k_index, top_k_weights)
+        if self.shared_experts is not None:
+            output = output + self.shared_experts(flat)
+        return self.dropout(output.view(batch_size, seq_len, hidden_dim)), router_logits
+
+
+class GPTMoEBlock(GradientCheckpointingLayer):
+    """Pre-LayerNorm GPT-2 block whose MLP is dense or a sparse MoE block."""
+
+    def __init__(self, config: GPTMoEConfig, layer_idx: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.attn = GPTMoEAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.is_moe = config.is_moe_layer(layer_idx)
+        self.mlp = GPTMoESparseMoeBlock(config) if self.is_moe else GPTMoEMLP(config, config.n_inner)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        attn_output, attn_weights = self.attn(self.ln_1(hidden_states), attention_mask, past_key_values, **kwargs)
+        hidden_states = hidden_states + attn_output
+        if self.is_moe:
+            mlp_output, router_logits = self.mlp(self.ln_2(hidden_states))
+        else:
+            mlp_output, router_logits = self.mlp(self.ln_2(hidden_states)), None
+        return hidden_states + mlp_output, attn_weights, router_logits
+
+
+class GPTMoEPreTrainedModel(PreTrainedModel):
+    config: GPTMoEConfig
+    config_class = GPTMoEConfig
+    base_model_prefix = "transformer"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["GPTMoEBlock"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        # GPT-2: N(0, 0.02) everywhere, residual projections scaled by 1/sqrt(2 * n_layer)
+        # because each block adds two of them to the residual stream.
+        std = self.config.initializer_range
+        residual_std = std / math.sqrt(2 * self.config.n_layer)
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=residual_std if getattr(module, "is_residual_projection", False) else std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, GPTMoERouter):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, GPTMoEExperts):
+            init.normal_(module.up_proj, mean=0.0, std=std)
+            init.zeros_(module.up_proj_bias)
+            init.normal_(module.down_proj, mean=0.0, std=residual_std)
+            init.zeros_(module.down_proj_bias)
+
+
+class GPTMoEModel(GPTMoEPreTrainedModel):
+    def __init__(self, config: GPTMoEConfig):
+        super().__init__(config)
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList([GPTMoEBlock(config, i) for i in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.wte
+
+    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
+        self.wte = new_embeddings
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_router_logits: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MoeModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
+        output_router_logits = (
+            self.config.output_router_logits if output_router_logits is None else output_router_logits
+        )
+        use_cache = (self.config.use_cache if use_cache is None else use_cache) and not (
+            self.gradient_checkpointing and self.training
+        )
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+
+        if inputs_embeds is None:
+            inputs_embeds = self.wte(input_ids)
+        if position_ids is None:
+            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0) + past_seen
+        hidden_states = self.drop(inputs_embeds + self.wpe(position_ids))  # (B, T, C)
+
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+        all_hidden_states, all_attentions, all_router_logits = [], [], []
+        for block in self.h:
+            if output_hidden_states:
+                all_hidden_states.append(hidden_states)
+            hidden_states, attn_weights, router_logits = block(
+                hidden_states, causal_mask, past_key_values, position_ids=position_ids, **kwargs
+            )
+            all_attentions.append(attn_weights)
+            if router_logits is not None:
+                all_router_logits.append(router_logits)
+        hidden_states = self.ln_f(hidden_states)
+        if output_hidden_states:
+            all_hidden_states.append(hidden_states)
+
+        return MoeModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+            attentions=tuple(all_attentions) if output_attentions else None,
+            router_logits=tuple(all_router_logits) if output_router_logits and all_router_logits else None,
+        )
+
+
+def load_balancing_loss(
+    router_logits: tuple[torch.Tensor, ...], top_k: int, token_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Switch Transformer load-balancing loss, averaged over MoE layers; 1.0 at perfect balance.
+
+    Per layer: E * sum_i f_i * P_i, with f_i the share of the N*k routing assignments that went
+    to expert i and P_i the mean router probability of expert i. Padding tokens (token_mask 0)
+    are left out. Unlike transformers' built-in `load_balancing_loss_func` (which returns k at
+    balance and pools layers before the product), this is comparable across top-k settings.
+    """
+    layer_losses = []
+    for logits in router_logits:
+        num_experts = logits.shape[-1]
+        probs = F.softmax(logits, dim=-1, dtype=torch.float32)  # (N, E)
+        chosen = F.one_hot(torch.topk(probs, top_k, dim=-1).indices, num_experts).sum(dim=1).float()  # (N, E)
+        weights = torch.ones_like(probs[:, 0]) if token_mask is None else token_mask.float()
+        num_tokens = weights.sum().clamp(min=1.0)
+        assignment_share = (chosen * weights[:, None]).sum(dim=0) / (num_tokens * top_k)
+        mean_prob = (probs * weights[:, None]).sum(dim=0) / num_tokens
+        layer_losses.append(num_experts * torch.sum(assignment_share * mean_prob))
+    return torch.stack(layer_losses).mean()
+
+
+def router_z_loss(router_logits: tuple[torch.Tensor, ...], token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2, averaged over MoE layers."""
+    layer_losses = []
+    for logits in router_logits:
+        z = torch.logsumexp(logits.float(), dim=-1) ** 2  # (N,)
+        if token_mask is None:
+            layer_losses.append(z.mean())
+        else:
+            weights = token_mask.float()
+            layer_losses.append((z * weights).sum() / weights.sum().clamp(min=1.0))
+    return torch.stack(layer_losses).mean()
+
+
+@dataclass
+class GPTMoECausalLMOutputWithPast(MoeCausalLMOutputWithPast):
+    """MoeCausalLMOutputWithPast plus `z_loss`, the router z-loss (unweighted) when computed."""
+
+    z_loss: torch.FloatTensor | None = None
+
+
+class GPTMoEForCausalLM(GPTMoEPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+
+    def __init__(self, config: GPTMoEConfig):
+        super().__init__(config)
+        self.transformer = GPTMoEModel(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        shift_labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> GPTMoECausalLMOutputWithPast:
+        r"""
+        labels: token ids, shifted inside (HF convention); -100 positions are ignored.
+        shift_labels: targets already aligned with the inputs (y of a packed pretraining batch (x, y)).
+        With either, the loss includes `router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss`
+        whatever `output_router_logits` says.
+        """
+        output_router_logits = (
+            self.config.output_router_logits if output_router_logits is None else output_router_logits
+        )
+        has_targets = labels is not None or shift_labels is not None
+        outputs = self.transformer(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_router_logits=output_router_logits or has_targets,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+
+        loss = aux_loss = z_loss = None
+        if has_targets:
+            loss = self.loss_function(
+                logits, labels, self.config.vocab_size, shift_labels=shift_labels, **kwargs
+            )
+        if outputs.router_logits is not None:
+            token_mask = self._router_token_mask(attention_mask, outputs.router_logits[0].shape[0])
+            aux_loss = load_balancing_loss(outputs.router_logits, self.config.num_experts_per_tok, token_mask)
+            z_loss = router_z_loss(outputs.router_logits, token_mask)
+            if has_targets:
+                loss = loss + self.config.router_aux_loss_coef * aux_loss + self.config.router_z_loss_coef * z_loss
+
+        return GPTMoECausalLMOutputWithPast(
+            loss=loss,
+            aux_loss=aux_loss,
+            z_loss=z_loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=outputs.router_logits if output_router_logits else None,
+        )
+
+    @staticmethod
+    def _router_token_mask(attention_mask: torch.Tensor | None, num_tokens: int) -> torch.Tensor | None:
+        """Which routed tokens are real (not padding): the last T columns of a 2D attention mask."""
+        if attention_mask is None or attention_mask.dim() != 2:
+            return None
+        batch_size = attention_mask.shape[0]
+        return attention_mask[:, -(num_tokens // batch_size) :].reshape(-1)
+
+
+GPTMoEConfig.register_for_auto_class()
+GPTMoEModel.register_for_auto_class("AutoModel")
+GPTMoEForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+# Importing this module is enough to use the Auto classes without trust_remote_code.
+AutoConfig.register(GPTMoEConfig.model_type, GPTMoEConfig, exist_ok=True)
+AutoModel.register(GPTMoEConfig, GPTMoEModel, exist_ok=True)
+AutoModelForCausalLM.register(GPTMoEConfig, GPTMoEForCausalLM, exist_ok=True)
+
+__all__ = ["GPTMoEForCausalLM", "GPTMoEModel", "GPTMoEPreTrainedModel"]
