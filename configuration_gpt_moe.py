@@ -39,17 +39,19 @@ class GPTMoEConfig(PretrainedConfig):
         "num_local_experts": "num_experts",
         "intermediate_size": "n_inner",
     }
-    # Tensor parallelism (`from_pretrained(..., tp_plan="auto")`): attention and MLPs split
-    # Megatron-style, experts split along their hidden width on every rank.
+    # Tensor parallelism (`from_pretrained(..., tp_plan="auto")`): vocabulary-parallel embedding,
+    # MLPs split Megatron-style, every expert split along its hidden width on every rank.
+    # Attention stays replicated: transformers' packed styles cannot shard a fused q|k|v with bias.
+    # Experts' down-projection biases are replicated, so the expert all-reduce counts them once
+    # per rank: exact for bias-free experts only (README, "Known limitations").
     base_model_tp_plan = {
-        "h.*.attn.c_attn": "colwise",
-        "h.*.attn.c_proj": "rowwise",
+        "wte": "embedding_rowwise",
         "h.*.mlp.c_fc": "colwise",
         "h.*.mlp.c_proj": "rowwise",
         "h.*.mlp.shared_experts.c_fc": "colwise",
         "h.*.mlp.shared_experts.c_proj": "rowwise",
         "h.*.mlp.experts.up_proj": "colwise",
-        "h.*.mlp.experts.up_proj_bias": "colwise",
+        "h.*.mlp.experts.up_proj_bias": "rowwise",  # a parameter, not a Linear: rowwise = Shard(-1)
         "h.*.mlp.experts.down_proj": "rowwise",
         "h.*.mlp.experts": "moe_tp_experts",
     }

@@ -75,7 +75,7 @@ class GPTMoEAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch_size, seq_len, _ = hidden_states.shape
         head_shape = (batch_size, seq_len, -1, self.head_dim)
-        query, key, value = self.c_attn(hidden_states).split(self.config.n_embd, dim=2)
+        query, key, value = self.c_attn(hidden_states).chunk(3, dim=2)  # chunk, not split: TP shards heads
         query = query.view(head_shape).transpose(1, 2)  # (B, nh, T, hs)
         key = key.view(head_shape).transpose(1, 2)
         value = value.view(head_shape).transpose(1, 2)
@@ -115,7 +115,7 @@ class GPTMoEMLP(nn.Module):
 
 
 class GPTMoERouter(nn.Module):
-    """Token-choice top-k router: softmax over experts in float32, keep the k largest.
+    """Token-choice top-k router: softmax over experts in (at least) float32, keep the k largest.
 
     Returns the raw logits (N, E), the routing weights (N, k) and the chosen experts (N, k).
     """
@@ -128,7 +128,8 @@ class GPTMoERouter(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         router_logits = F.linear(hidden_states, self.weight)  # (N, E)
-        router_probs = F.softmax(router_logits, dim=-1, dtype=torch.float32)
+        # at least float32: bf16 probabilities would make near-ties between experts flip at random
+        router_probs = F.softmax(router_logits, dim=-1, dtype=torch.promote_types(router_logits.dtype, torch.float32))
         top_k_weights, top_k_index = torch.topk(router_probs, self.top_k, dim=-1)  # (N, k)
         if self.norm_topk_prob:
             top_k_weights = top_k_weights / top_k_weights.sum(dim=-1, keepdim=True)

@@ -1,0 +1,426 @@
+"""GPTMoE against references: HF's GPT-2, a naive float64 MoE, itself under other backends."""
+
+import math
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_config, tiny_model
+from transformers.models.olmoe.modeling_olmoe import load_balancing_loss_func
+
+from configuration_gpt_moe import GPTMoEConfig
+from convert_gpt2_to_gpt_moe import convert_gpt2
+from modeling_gpt_moe import GPTMoEForCausalLM, load_balancing_loss, router_z_loss
+
+
+def random_ids(batch: int, length: int, seed: int = 1, vocab: int = 96) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def greedy(model, input_ids, **kwargs) -> torch.Tensor:
+    return model.generate(input_ids, max_new_tokens=10, do_sample=False, pad_token_id=0, **kwargs)
+
+
+def left_padded(rows: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return input_ids, attention_mask
+
+
+# ---------------------------------------------------------------- equivalence with GPT-2
+
+
+@pytest.mark.parametrize("num_experts, top_k", [(None, 1), (4, 2), (4, 1)])
+def test_converted_gpt2_gives_same_logits_and_greedy_tokens(tiny_gpt2, num_experts, top_k):
+    ours = convert_gpt2(tiny_gpt2, num_experts=num_experts, num_experts_per_tok=top_k).eval()
+    assert ours.config.use_moe == (num_experts is not None)
+    ids = random_ids(3, 24)
+    with torch.no_grad():
+        max_diff = (tiny_gpt2(ids).logits - ours(ids).logits).abs().max().item()
+    assert max_diff < 1e-4
+    assert torch.equal(greedy(tiny_gpt2, ids[:, :5]), greedy(ours, ids[:, :5]))
+
+
+def test_upcycled_loss_is_dense_loss_plus_router_terms(tiny_gpt2):
+    dense = convert_gpt2(tiny_gpt2).eval()
+    moe = convert_gpt2(tiny_gpt2, num_experts=4, num_experts_per_tok=2).eval()
+    ids = random_ids(2, 16)
+    with torch.no_grad():
+        dense_out, moe_out = dense(ids, labels=ids), moe(ids, labels=ids)
+    assert dense_out.aux_loss is None
+    router_terms = 0.01 * moe_out.aux_loss + 0.001 * moe_out.z_loss
+    torch.testing.assert_close(moe_out.loss, dense_out.loss + router_terms, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- generation
+
+
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_generate_with_and_without_cache_and_left_padding(use_moe):
+    model = tiny_model(seed=2, use_moe=use_moe)
+    rows = [[5, 17, 42, 8, 9, 60, 3], [33, 2, 71], [11, 12, 13, 14]]
+    alone = [greedy(model, torch.tensor([row]))[0, len(row) :] for row in rows]
+    for row, expected in zip(rows, alone, strict=True):
+        uncached = greedy(model, torch.tensor([row]), use_cache=False)[0, len(row) :]
+        assert torch.equal(uncached, expected)
+    input_ids, attention_mask = left_padded(rows)
+    batch = greedy(model, input_ids, attention_mask=attention_mask)[:, input_ids.shape[1] :]
+    for generated, expected in zip(batch, alone, strict=True):
+        assert torch.equal(generated, expected)
+
+
+def test_beam_search_with_cache_equals_without():
+    model = tiny_model(seed=3)
+    ids = random_ids(2, 6)
+    kwargs = dict(num_beams=3, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(ids, **kwargs), model.generate(ids, use_cache=False, **kwargs))
+
+
+def test_assisted_decoding_equals_greedy():
+    model, assistant = tiny_model(seed=4), tiny_model(seed=5, n_layer=1)
+    ids = random_ids(1, 6)
+    assert torch.equal(greedy(model, ids, assistant_model=assistant), greedy(model, ids))
+
+
+def test_generate_returns_scores_hidden_states_and_attentions():
+    model = tiny_model(seed=6)
+    model.set_attn_implementation("eager")
+    out = model.generate(
+        random_ids(2, 5),
+        max_new_tokens=4,
+        do_sample=False,
+        pad_token_id=0,
+        return_dict_in_generate=True,
+        output_scores=True,
+        output_hidden_states=True,
+        output_attentions=True,
+    )
+    assert out.sequences.shape == (2, 9)
+    assert len(out.scores) == 4 and out.scores[0].shape == (2, 96)
+    assert len(out.hidden_states) == 4 and len(out.hidden_states[0]) == 3  # embeddings + 2 blocks
+    assert len(out.attentions) == 4 and out.attentions[-1][0].shape == (2, 4, 1, 8)
+
+
+# ---------------------------------------------------------------- backends agree
+
+
+def test_experts_implementations_agree_on_outputs_and_gradients():
+    model = tiny_model(seed=7).train()
+    ids = random_ids(2, 16)
+    results = {}
+    for implementation in ("eager", "grouped_mm", "batched_mm"):
+        model.set_experts_implementation(implementation)
+        model.zero_grad()
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        results[implementation] = (out.logits.detach(), grads)
+    ref_logits, ref_grads = results["eager"]
+    assert any(".experts." in name for name in ref_grads) and any(".router." in name for name in ref_grads)
+    for implementation in ("grouped_mm", "batched_mm"):
+        logits, grads = results[implementation]
+        torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-4)
+        assert grads.keys() == ref_grads.keys()
+        for name in grads:
+            torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_eager_and_sdpa_attention_agree_with_padding(dtype, atol, padding_side):
+    model = tiny_model(seed=8).to(dtype)
+    rows = [[5, 17, 42, 8, 9, 60, 3], [33, 2, 71]]
+    input_ids, attention_mask = left_padded(rows)
+    if padding_side == "right":
+        input_ids, attention_mask = input_ids.flip(1), attention_mask.flip(1)
+        input_ids[1, :3] = torch.tensor(rows[1])
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = {}
+    for implementation in ("eager", "sdpa"):
+        model.set_attn_implementation(implementation)
+        with torch.no_grad():
+            out = model(input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        logits[implementation] = out.logits[attention_mask.bool()].float()
+    torch.testing.assert_close(logits["sdpa"], logits["eager"], atol=atol, rtol=0)
+
+
+# ---------------------------------------------------------------- the MoE layer itself
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def naive_moe(block, x: torch.Tensor, top_k: int, norm_topk_prob: bool) -> torch.Tensor:
+    """Token by token, expert by expert, in float64: what the MoE block must compute."""
+    experts, out = block.experts, torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        probs = torch.softmax(block.router.weight @ x[t], dim=-1)
+        chosen = sorted(range(len(probs)), key=lambda e: -probs[e].item())[:top_k]
+        weights = probs[chosen] / (probs[chosen].sum() if norm_topk_prob else 1.0)
+        for weight, e in zip(weights, chosen, strict=True):
+            hidden = gelu_tanh(experts.up_proj[e] @ x[t] + experts.up_proj_bias[e])
+            out[t] += weight * (experts.down_proj[e] @ hidden + experts.down_proj_bias[e])
+        if block.shared_experts is not None:
+            shared = block.shared_experts
+            hidden = gelu_tanh(shared.c_fc.weight @ x[t] + shared.c_fc.bias)
+            out[t] += shared.c_proj.weight @ hidden + shared.c_proj.bias
+    return out
+
+
+@pytest.mark.parametrize("top_k, norm_topk_prob, n_shared_experts", [(2, True, 0), (1, False, 1), (3, False, 0)])
+def test_moe_block_matches_naive_float64_reference(top_k, norm_topk_prob, n_shared_experts):
+    model = tiny_model(
+        seed=9, num_experts_per_tok=top_k, norm_topk_prob=norm_topk_prob, n_shared_experts=n_shared_experts
+    ).double()
+    model.set_experts_implementation("eager")  # grouped_mm has no float64 kernel
+    block = model.transformer.h[0].mlp
+    with torch.no_grad():
+        for name, param in block.named_parameters():
+            if "bias" in name:
+                param.normal_(std=0.1)
+        block.router.weight.normal_(std=1.0)  # confident routing: distinct top-k choices
+        x = torch.randn(2, 9, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        out, router_logits = block(x)
+        expected = naive_moe(block, x.view(-1, 32), top_k, norm_topk_prob).view_as(x)
+    assert router_logits.shape == (18, 4)
+    torch.testing.assert_close(out, expected, atol=1e-10, rtol=0)
+
+
+def test_every_token_reaches_its_experts_even_when_all_pick_one():
+    """Dropless: a router that sends every token to expert 0 still processes every token."""
+    model = tiny_model(seed=10, num_experts_per_tok=1, norm_topk_prob=False).double()
+    model.set_experts_implementation("eager")
+    block = model.transformer.h[0].mlp
+    with torch.no_grad():
+        block.router.weight.zero_()
+        block.router.weight[0] = 10.0
+        x = torch.rand(1, 40, 32, dtype=torch.float64) + 0.1  # positive: expert 0 wins for every token
+        out, _ = block(x)
+        expected = naive_moe(block, x.view(-1, 32), 1, False).view_as(x)
+    torch.testing.assert_close(out, expected, atol=1e-10, rtol=0)
+
+
+# ---------------------------------------------------------------- router losses
+
+
+def cyclic_router_logits(num_tokens: int, num_experts: int, top_k: int) -> torch.Tensor:
+    """Token t prefers experts t, t+1, ..., t+k-1 (mod E): every expert gets the same load."""
+    logits = torch.zeros(num_tokens, num_experts)
+    for t in range(num_tokens):
+        for j in range(top_k):
+            logits[t, (t + j) % num_experts] = 5.0 - j
+    return logits
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 4])
+def test_aux_loss_is_one_at_perfect_balance_for_any_k(top_k):
+    uniform = (torch.zeros(64, 8),)
+    balanced = (cyclic_router_logits(64, 8, top_k),)
+    torch.testing.assert_close(load_balancing_loss(uniform, top_k), torch.tensor(1.0))
+    torch.testing.assert_close(load_balancing_loss(balanced, top_k), torch.tensor(1.0))
+
+
+def test_aux_loss_penalises_collapse_and_matches_hf_divided_by_k():
+    collapsed = torch.full((32, 8), -10.0)
+    collapsed[:, 0] = 10.0
+    assert load_balancing_loss((collapsed,), 1).item() == pytest.approx(8.0, rel=1e-3)
+    logits = torch.randn(50, 8, generator=torch.Generator().manual_seed(0))
+    for top_k in (1, 2, 3):
+        hf = load_balancing_loss_func((logits,), num_experts=8, top_k=top_k)
+        torch.testing.assert_close(load_balancing_loss((logits,), top_k), hf / top_k)
+
+
+def test_router_losses_ignore_padding_and_average_layers():
+    logits = [torch.randn(12, 4, generator=torch.Generator().manual_seed(s)) for s in (0, 1)]
+    mask = torch.tensor([1, 1, 0, 1, 0, 0, 1, 1, 1, 0, 1, 1])
+    real = [layer[mask.bool()] for layer in logits]
+    for loss_fn in (lambda ls, m=None: load_balancing_loss(ls, 2, m), router_z_loss):
+        torch.testing.assert_close(loss_fn(tuple(logits), mask), loss_fn(tuple(real)))
+        per_layer = torch.stack([loss_fn((layer,)) for layer in real])
+        torch.testing.assert_close(loss_fn(tuple(real)), per_layer.mean())
+    z = torch.logsumexp(real[0], dim=-1).pow(2).mean()
+    torch.testing.assert_close(router_z_loss((real[0],)), z)
+
+
+@pytest.mark.parametrize("output_router_logits", [False, True])
+def test_loss_is_cross_entropy_plus_weighted_router_losses(output_router_logits):
+    model = tiny_model(seed=11, router_aux_loss_coef=0.3, router_z_loss_coef=0.02, mlp_only_layers=[0])
+    ids = random_ids(2, 16)
+    out = model(ids, labels=ids, output_router_logits=output_router_logits)
+    cross_entropy = F.cross_entropy(out.logits[:, :-1].reshape(-1, 96), ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(out.loss - cross_entropy, 0.3 * out.aux_loss + 0.02 * out.z_loss)
+    assert out.aux_loss.item() > 0.9 and out.z_loss.item() > 0
+    assert (out.router_logits is not None) == output_router_logits
+    shifted = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], dim=1)
+    torch.testing.assert_close(model(ids, shift_labels=shifted).loss, out.loss)
+
+
+def test_router_logits_config_default_and_call_override():
+    model = tiny_model(seed=12, n_layer=3, mlp_only_layers=[1])
+    ids = random_ids(2, 5)
+    assert model(ids).router_logits is None
+    logits = model(ids, output_router_logits=True).router_logits
+    assert len(logits) == 2 and logits[0].shape == (10, 4)
+    model.config.output_router_logits = True
+    assert len(model(ids).router_logits) == 2
+    assert model(ids, output_router_logits=False).router_logits is None
+
+
+def test_dense_layer_pattern():
+    config = tiny_config(n_layer=6, mlp_only_layers=[0], decoder_sparse_step=2)
+    assert [config.is_moe_layer(i) for i in range(6)] == [False, True, False, True, False, True]
+    assert not any(tiny_config(use_moe=False).is_moe_layer(i) for i in range(2))
+
+
+# ---------------------------------------------------------------- transformers conventions
+
+
+def test_hidden_states_attentions_and_tuple_outputs():
+    model = tiny_model(seed=13)
+    model.set_attn_implementation("eager")
+    ids = random_ids(2, 7)
+    out = model(ids, output_hidden_states=True, output_attentions=True)
+    assert len(out.hidden_states) == 3
+    torch.testing.assert_close(model.transformer(ids).last_hidden_state, out.hidden_states[-1])
+    assert len(out.attentions) == 2 and out.attentions[0].shape == (2, 4, 7, 7)
+    torch.testing.assert_close(out.attentions[0].sum(-1), torch.ones(2, 4, 7))
+    assert torch.all(out.attentions[0].triu(diagonal=1) == 0)  # causal
+    as_tuple = model(ids, labels=ids, return_dict=False)
+    assert isinstance(as_tuple, tuple)
+    torch.testing.assert_close(as_tuple[0], model(ids, labels=ids).loss)
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    ids = random_ids(2, 12)
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model(seed=14).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model(ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, msg=name)
+
+
+def test_resize_token_embeddings_keeps_weights_tied():
+    model = tiny_model(seed=15)
+    model.resize_token_embeddings(128)
+    assert model.lm_head.weight.shape == (128, 32)
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+    assert model(random_ids(1, 4, vocab=128)).logits.shape == (1, 4, 128)
+
+
+def test_tensor_parallel_plan_names_real_parameters():
+    model = tiny_model(seed=16, n_shared_experts=1, mlp_only_layers=[0])
+    names = {name for name, _ in model.transformer.named_parameters()} | {
+        name for name, _ in model.transformer.named_modules()
+    }
+    for pattern in GPTMoEConfig.base_model_tp_plan:  # 5.17 adds an `embed_tokens` rule of its own
+        regex = pattern.replace(".", r"\.").replace("*", r"\d+")
+        assert any(re.fullmatch(regex, name) for name in names), pattern
+    assert "GPTMoEBlock" in model._no_split_modules
+
+
+def test_from_pretrained_keeps_every_loaded_weight(tmp_path):
+    model = tiny_model(seed=17, n_shared_experts=1)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.5)  # far from any initialisation
+    model.save_pretrained(tmp_path)
+    loaded = GPTMoEForCausalLM.from_pretrained(tmp_path)
+    expected = model.state_dict()
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+# ---------------------------------------------------------------- initialisation and config
+
+
+def test_init_follows_gpt2():
+    torch.manual_seed(0)
+    config = GPTMoEConfig(vocab_size=2000, block_size=128, n_layer=4, n_head=4, n_embd=128, num_experts=4)
+    model = GPTMoEForCausalLM(config)
+    residual_std = 0.02 / math.sqrt(2 * 4)
+    block = model.transformer.h[1]
+    stds = {
+        "wte": (model.transformer.wte.weight, 0.02),
+        "wpe": (model.transformer.wpe.weight, 0.02),
+        "c_attn": (block.attn.c_attn.weight, 0.02),
+        "attn.c_proj": (block.attn.c_proj.weight, residual_std),
+        "router": (block.mlp.router.weight, 0.02),
+        "up_proj": (block.mlp.experts.up_proj, 0.02),
+        "down_proj": (block.mlp.experts.down_proj, residual_std),
+    }
+    for name, (weight, expected) in stds.items():
+        assert weight.std().item() == pytest.approx(expected, rel=0.05), name
+    for name, param in model.named_parameters():
+        if name.endswith("bias") and "ln_" not in name:
+            assert torch.all(param == 0), name
+    assert torch.all(block.ln_1.weight == 1)
+    dense = GPTMoEForCausalLM(GPTMoEConfig(vocab_size=2000, block_size=128, n_layer=4, n_head=4, n_embd=128, use_moe=False))
+    assert dense.transformer.h[0].mlp.c_proj.weight.std().item() == pytest.approx(residual_std, rel=0.05)
+
+
+def test_seed_and_hf_names_are_aliases():
+    config = GPTMoEConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=2, num_local_experts=6)
+    assert (config.n_embd, config.n_layer, config.n_head, config.num_experts) == (64, 3, 2, 6)
+    config = GPTMoEConfig(block_size=256, n_embd=48, n_head=3, vocab_size=50304, use_moe=False)
+    assert (config.max_position_embeddings, config.hidden_size, config.num_attention_heads) == (256, 48, 3)
+    assert config.moe_intermediate_size == config.intermediate_size == 192
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(n_embd=100, n_head=3), "n_embd"),
+        (dict(num_experts=4, num_experts_per_tok=5), "num_experts_per_tok"),
+        (dict(num_experts=0), "num_experts"),
+        (dict(router_aux_loss_coef=-0.1), "router_aux_loss_coef"),
+        (dict(router_z_loss_coef=-1.0), "router_z_loss_coef"),
+        (dict(activation_function="swishy"), "activation_function"),
+        (dict(mlp_only_layers=[12]), "mlp_only_layers"),
+    ],
+)
+def test_invalid_config_raises_naming_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        GPTMoEConfig(**kwargs)
+
+
+TP_WORKER = """
+import sys, torch
+sys.modules["modeling_gpt_moe"] = sys.modules["configuration_gpt_moe"] = None  # load as remote code
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], tp_plan="auto", trust_remote_code=True)
+model.set_experts_implementation("eager")
+with torch.no_grad():
+    logits = model(torch.arange(12).view(2, 6) % 96).logits
+expected = torch.load(sys.argv[2], weights_only=True)
+print("max_diff", (logits - expected).abs().max().item(), "sharded", model.tp_size)
+"""
+
+
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_tensor_parallel_two_processes_match_one(tmp_path, use_moe):
+    model = tiny_model(seed=18, use_moe=use_moe, n_shared_experts=int(use_moe), mlp_only_layers=[0])
+    model.set_experts_implementation("eager")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias") and "down_proj_bias" not in name:  # see the TP plan's comment
+                param.normal_(std=0.5)
+        logits = model(torch.arange(12).view(2, 6) % 96).logits
+    model.save_pretrained(tmp_path / "model")
+    torch.save(logits, tmp_path / "expected.pt")
+    (tmp_path / "worker.py").write_text(TP_WORKER)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += [str(tmp_path / "worker.py"), str(tmp_path / "model"), str(tmp_path / "expected.pt")]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    lines = [line.split() for line in result.stdout.splitlines() if line.startswith("max_diff")]
+    assert len(lines) == 2, result.stdout + result.stderr[-3000:]
+    for _, max_diff, _, tp_size in lines:
+        assert float(max_diff) < 1e-5 and tp_size == "2"
