@@ -118,13 +118,13 @@ class GPTMoEConfig(PretrainedConfig):
             raise ValueError(f"decoder_sparse_step must be >= 1, got {self.decoder_sparse_step}.")
         bad_layers = [i for i in self.mlp_only_layers if not 0 <= i < self.n_layer]
         if bad_layers:
-            raise ValueError(f"mlp_only_layers {bad_layers} are not layer indices: use values in 0..{self.n_layer - 1}.")
+            raise ValueError(
+                f"mlp_only_layers {bad_layers} are not layer indices: use values in 0..{self.n_layer - 1}."
+            )
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         return (
-            self.use_moe
-            and layer_idx not in self.mlp_only_layers
-            and (layer_idx + 1) % self.decoder_sparse_step == 0
+            self.use_moe and layer_idx not in self.mlp_only_layers and (layer_idx + 1) % self.decoder_sparse_step == 0
         )
 
 

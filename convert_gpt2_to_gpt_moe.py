@@ -112,8 +112,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         gpt2 = GPT2LMHeadModel.from_pretrained(args.gpt2)
     except OSError as error:
-        sys.exit(f"error: could not load a GPT-2 checkpoint from --gpt2 {args.gpt2!r} ({error}). "
-                 "Offline? Pass a local folder saved with save_pretrained.")
+        sys.exit(
+            f"error: could not load a GPT-2 checkpoint from --gpt2 {args.gpt2!r} ({error}). "
+            "Offline? Pass a local folder saved with save_pretrained."
+        )
     try:
         model = convert_gpt2(gpt2, args.num_experts, args.num_experts_per_tok)
     except ValueError as error:

@@ -242,7 +242,9 @@ class GPTMoEPreTrainedModel(PreTrainedModel):
         std = self.config.initializer_range
         residual_std = std / math.sqrt(2 * self.config.n_layer)
         if isinstance(module, nn.Linear):
-            init.normal_(module.weight, mean=0.0, std=residual_std if getattr(module, "is_residual_projection", False) else std)
+            init.normal_(
+                module.weight, mean=0.0, std=residual_std if getattr(module, "is_residual_projection", False) else std
+            )
             if module.bias is not None:
                 init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
@@ -438,9 +440,7 @@ class GPTMoEForCausalLM(GPTMoEPreTrainedModel, GenerationMixin):
 
         loss = aux_loss = z_loss = None
         if has_targets:
-            loss = self.loss_function(
-                logits, labels, self.config.vocab_size, shift_labels=shift_labels, **kwargs
-            )
+            loss = self.loss_function(logits, labels, self.config.vocab_size, shift_labels=shift_labels, **kwargs)
         if outputs.router_logits is not None:
             token_mask = self._router_token_mask(attention_mask, outputs.router_logits[0].shape[0])
             aux_loss = load_balancing_loss(outputs.router_logits, self.config.num_experts_per_tok, token_mask)

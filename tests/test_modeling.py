@@ -363,7 +363,9 @@ def test_init_follows_gpt2():
         if name.endswith("bias") and "ln_" not in name:
             assert torch.all(param == 0), name
     assert torch.all(block.ln_1.weight == 1)
-    dense = GPTMoEForCausalLM(GPTMoEConfig(vocab_size=2000, block_size=128, n_layer=4, n_head=4, n_embd=128, use_moe=False))
+    dense = GPTMoEForCausalLM(
+        GPTMoEConfig(vocab_size=2000, block_size=128, n_layer=4, n_head=4, n_embd=128, use_moe=False)
+    )
     assert dense.transformer.h[0].mlp.c_proj.weight.std().item() == pytest.approx(residual_std, rel=0.05)
 
 
