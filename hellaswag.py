@@ -34,6 +34,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from gpt2_tokenizer import get_tokenizer
 
 DATA_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 DATA_DIR_ENV = "GPT_MOE_HELLASWAG_DIR"
@@ -165,11 +168,11 @@ def harness_preprocess(text: str) -> str:
     return text.replace("  ", " ")
 
 
-def _encode(tokenizer, text: str) -> list[int]:
+def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def render_completion(example: dict, tokenizer) -> RenderedExample:
+def render_completion(example: dict, tokenizer: PreTrainedTokenizerBase) -> RenderedExample:
     context = _encode(tokenizer, example["ctx"])
     endings = [_encode(tokenizer, " " + ending) for ending in example["endings"]]
     return RenderedExample(
@@ -180,7 +183,7 @@ def render_completion(example: dict, tokenizer) -> RenderedExample:
     )
 
 
-def render_harness(example: dict, tokenizer) -> RenderedExample:
+def render_harness(example: dict, tokenizer: PreTrainedTokenizerBase) -> RenderedExample:
     query = harness_preprocess(f"{example['activity_label']}: {example['ctx_a']} {example['ctx_b'].capitalize()}")
     choices = [harness_preprocess(ending) for ending in example["endings"]]
     context = _encode(tokenizer, query)
@@ -198,7 +201,9 @@ def render_harness(example: dict, tokenizer) -> RenderedExample:
 RENDERERS = {"completion": render_completion, "harness": render_harness}
 
 
-def render_examples(examples: list[dict], tokenizer, style: str = "completion") -> list[RenderedExample]:
+def render_examples(
+    examples: list[dict], tokenizer: PreTrainedTokenizerBase, style: str = "completion"
+) -> list[RenderedExample]:
     """Token sequences of each example's endings in the given scoring style (see STYLES)."""
     if style not in RENDERERS:
         raise ValueError(f"unknown HellaSwag style {style!r}, expected one of {STYLES}")
@@ -300,23 +305,21 @@ def evaluate(
 
 
 def load_model(name: str, dtype: str, device: torch.device, trust_remote_code: bool) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
+    # a missing folder would otherwise be reported as a malformed Hub repo id
+    if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
+        raise HellaSwagError(f"model folder {name} does not exist")
     try:
         model = AutoModelForCausalLM.from_pretrained(
             name, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
         )
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0]
-        raise HellaSwagError(f"cannot load model {name}: {first_line}") from None
+        hint = " (pass --trust_remote_code)" if "trust_remote_code" in str(error) else ""
+        raise HellaSwagError(f"cannot load model {name}: {first_line}{hint}") from None
     return model.to(device)
 
 
-def load_tokenizer(name: str, trust_remote_code: bool):
-    from transformers import AutoTokenizer
-
-    from gpt2_tokenizer import get_tokenizer
-
+def load_tokenizer(name: str, trust_remote_code: bool) -> PreTrainedTokenizerBase:
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError):
