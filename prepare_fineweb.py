@@ -1,0 +1,497 @@
+"""Tokenise text into GPT-2 token shards for pretraining, in the llm.c / modded-nanogpt format.
+
+    python prepare_fineweb.py                                      # FineWeb-Edu sample-10BT -> edu_fineweb10B/
+    python prepare_fineweb.py --data_files 'corpus/*.parquet'      # local files (parquet, json/jsonl, txt, arrow)
+    python prepare_fineweb.py --source python_docs --max_tokens 400000 --shard_size 100000 --output_dir demo_data
+
+Every document becomes <|endoftext|> followed by its `encode_ordinary` tokens, in document
+order, whatever --num_proc. The first --val_tokens tokens go to val_000000.bin, ... and the
+rest to train_000000.bin, ... (see fineweb_shards.py for the format). manifest.json beside
+the shards records the source, the tokenizer and every shard; a shard is written to a
+temporary name and renamed when complete, so re-running the same command after a crash or
+Ctrl-C keeps the complete shards and carries on from the first missing one.
+"""
+
+import argparse
+import ast
+import contextlib
+import glob
+import itertools
+import json
+import multiprocessing
+import os
+import platform
+import signal
+import sys
+import sysconfig
+import time
+import warnings
+from collections import deque
+from collections.abc import Iterable, Iterator
+from multiprocessing.pool import Pool
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from datasets import IterableDataset, load_dataset
+from datasets.exceptions import DatasetNotFoundError
+from tqdm import tqdm
+
+from fineweb_shards import MAGIC, SHARD_SUFFIXES, VERSION, ShardError, open_shard, write_shard
+from gpt2_tokenizer import EOT_ID, VOCAB_SHA256, VOCAB_SIZE, get_encoding
+
+MANIFEST = "manifest.json"
+DATA_FILE_FORMATS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".txt": "text", ".arrow": "arrow"}
+TASK_CHARS = 250_000  # text per worker task: ~60k tokens, ~20 ms of tokenising, so IPC costs little
+READ_ROWS = 256  # rows converted from Arrow at a time
+TASKS_IN_FLIGHT = 4  # per worker; bounds memory however fast the source reads
+SKIPPED_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests"}  # tests are code, not prose
+
+
+class UsageError(Exception):
+    """A mistake in the command or the input: reported as one line, without a traceback."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--source",
+        choices=["hub", "files", "python_docs"],
+        default=None,
+        help="hub: --dataset; files: --data_files; python_docs: docstrings of the Python standard "
+        "library and installed packages (offline). Default: files if --data_files is given, else hub",
+    )
+    parser.add_argument("--dataset", default="HuggingFaceFW/fineweb-edu", help="Hub dataset, streamed")
+    parser.add_argument("--dataset_config", default="sample-10BT")
+    parser.add_argument("--dataset_split", default="train")
+    parser.add_argument("--data_files", nargs="+", metavar="GLOB", help="local files instead of the Hub")
+    parser.add_argument("--text_column", default="text")
+    parser.add_argument("--output_dir", default="edu_fineweb10B")
+    parser.add_argument("--shard_size", type=int, default=100_000_000, help="tokens per shard")
+    parser.add_argument(
+        "--val_tokens", type=int, default=None, help="first tokens, for validation (default: one shard)"
+    )
+    parser.add_argument("--max_tokens", type=int, default=None, help="stop after this many tokens (default: all)")
+    parser.add_argument("--num_proc", type=int, default=os.cpu_count() or 1, help="tokenising processes")
+    parser.add_argument("--overwrite", action="store_true", help="replace shards prepared from another source")
+    args = parser.parse_args(argv)
+    args.source = args.source or ("files" if args.data_files else "hub")
+    args.val_tokens = args.shard_size if args.val_tokens is None else args.val_tokens
+    if args.source == "files" and not args.data_files:
+        parser.error("--source files needs --data_files")
+    if args.source != "files" and args.data_files:
+        parser.error(f"--data_files cannot be combined with --source {args.source}")
+    if not 0 < args.shard_size < 2**31:
+        parser.error("--shard_size must be between 1 and 2**31 - 1 (the header stores it as int32)")
+    if args.val_tokens < 0:
+        parser.error("--val_tokens must be >= 0")
+    if args.max_tokens is not None and args.max_tokens <= args.val_tokens:
+        parser.error(f"--max_tokens {args.max_tokens} leaves no training tokens after --val_tokens {args.val_tokens}")
+    if args.num_proc < 1:
+        parser.error("--num_proc must be >= 1")
+    return args
+
+
+# -----------------------------------------------------------------------------
+# sources: each yields the documents' text, in a fixed order
+
+
+def describe_source(args: argparse.Namespace) -> dict:
+    """What the text comes from; a directory is only resumed from the same source."""
+    if args.source == "python_docs":
+        return {"kind": "python_docs", "python": platform.python_version(), "roots": python_roots()}
+    if args.source == "files":
+        return {"kind": "files", "data_files": resolve_data_files(args.data_files), "text_column": args.text_column}
+    return {
+        "kind": "hub",
+        "dataset": args.dataset,
+        "config": args.dataset_config,
+        "split": args.dataset_split,
+        "text_column": args.text_column,
+    }
+
+
+def resolve_data_files(patterns: list[str]) -> list[str]:
+    """Absolute paths of the files each glob matches, sorted per pattern; all of one format."""
+    files = []
+    for pattern in patterns:
+        matches = sorted(os.path.abspath(p) for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+        if not matches:
+            raise UsageError(f"no files match --data_files {pattern!r}")
+        files = list(dict.fromkeys(files + matches))  # each file once, in the order given
+    suffixes = sorted({Path(f).suffix.lower() for f in files})
+    unknown = [s for s in suffixes if s not in DATA_FILE_FORMATS]
+    if unknown:
+        raise UsageError(f"cannot read {', '.join(unknown)} files; --data_files takes {', '.join(DATA_FILE_FORMATS)}")
+    if len({DATA_FILE_FORMATS[s] for s in suffixes}) > 1:
+        raise UsageError(f"--data_files mixes formats ({', '.join(suffixes)}); prepare one format at a time")
+    return files
+
+
+def open_documents(source: dict, skip: int = 0) -> Iterator[str]:
+    """The documents of `source` after the first `skip`; fails here, before anything is written, if there are none."""
+    if source["kind"] == "python_docs":
+        docs = itertools.islice(python_docstrings(), skip, None)
+    elif source["kind"] == "files":
+        docs = file_documents(source["data_files"], source["text_column"], skip)
+    else:
+        docs = hub_documents(source["dataset"], source["config"], source["split"], source["text_column"], skip)
+    first = next(docs, None)
+    if first is None and not skip:
+        raise UsageError(f"the input has no documents ({describe(source)})")
+    return itertools.chain([] if first is None else [first], docs)
+
+
+def describe(source: dict) -> str:
+    if source["kind"] == "python_docs":
+        return f"docstrings of Python {source['python']} ({', '.join(source['roots'])})"
+    if source["kind"] == "files":
+        files = source["data_files"]
+        return f"{len(files)} local file(s): {', '.join(files[:3])}{', ...' if len(files) > 3 else ''}"
+    return f"Hub dataset {source['dataset']} ({source['config']}, split {source['split']})"
+
+
+def file_documents(files: list[str], text_column: str, skip: int) -> Iterator[str]:
+    builder = DATA_FILE_FORMATS[Path(files[0]).suffix.lower()]
+    # a .txt file is one document, not one per line
+    options = {"sample_by": "document"} if builder == "text" else {}
+    try:
+        dataset = load_dataset(builder, data_files=files, split="train", streaming=True, **options)
+    except StopIteration:  # datasets' json reader, when every file is empty
+        return
+    yield from dataset_texts(dataset, text_column, skip, describe({"kind": "files", "data_files": files}))
+
+
+def hub_documents(dataset: str, config: str, split: str, text_column: str, skip: int) -> Iterator[str]:
+    try:
+        streamed = load_dataset(dataset, name=config, split=split, streaming=True)
+        yield from dataset_texts(streamed, text_column, skip, dataset)
+    except ConnectionError as e:
+        raise UsageError(
+            f"cannot reach the Hugging Face Hub to stream {dataset} ({e}). Without network, point --data_files at "
+            "local copies of its files, or use --source python_docs for an offline demo."
+        ) from e
+    except (DatasetNotFoundError, ValueError) as e:
+        raise UsageError(f"cannot load {dataset} (config {config}, split {split}): {e}") from e
+
+
+def dataset_texts(dataset: IterableDataset, text_column: str, skip: int, name: str) -> Iterator[str]:
+    """The text column, read as Arrow tables; the `skip` documents already in shards are counted, never decoded."""
+    for table in dataset.with_format("arrow").iter(batch_size=READ_ROWS):
+        if text_column not in table.column_names:
+            columns = ", ".join(table.column_names)
+            raise UsageError(f"{name} has no column {text_column!r}; its columns: {columns} (pick one: --text_column)")
+        column = table[text_column]
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+            raise UsageError(f"{name}: column {text_column!r} holds {column.type}, not text (pick one: --text_column)")
+        if column.null_count:
+            raise UsageError(f"{name}: column {text_column!r} has missing (null) values; drop or fill those rows")
+        if skip >= len(column):
+            skip -= len(column)
+            continue
+        yield from column.slice(skip).to_pylist()
+        skip = 0
+
+
+def python_roots() -> list[str]:
+    paths = sysconfig.get_paths()
+    return list(dict.fromkeys([paths["stdlib"], paths["purelib"], paths["platlib"]]))
+
+
+def python_docstrings() -> Iterator[str]:
+    """English text found on every machine: the docstrings of the standard library, then of installed packages.
+
+    One document per source file: its module, class and function docstrings in source
+    order. Files are parsed with `ast`, never imported (importing runs arbitrary code and is
+    slow), and walked in sorted order, so one Python installation always gives the same text.
+    """
+    for root in python_roots():
+        for path in python_files(Path(root)):
+            text = docstrings(path)
+            if text:
+                yield text
+
+
+def python_files(root: Path) -> Iterator[Path]:
+    for dirpath, dirnames, filenames in os.walk(root):
+        # site-packages lies inside the stdlib folder and is walked as a root of its own
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIPPED_DIRS)
+        yield from (Path(dirpath, name) for name in sorted(filenames) if name.endswith(".py"))
+
+
+def docstrings(path: Path) -> str:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # invalid escape sequences in old files
+            tree = ast.parse(path.read_bytes())
+    except (SyntaxError, ValueError, OSError):  # Python 2 files, bad encodings, unreadable files
+        return ""
+    nodes = [tree, *definitions(tree.body)]
+    return "\n\n".join(filter(None, (ast.get_docstring(n) for n in nodes)))
+
+
+def definitions(body: list[ast.stmt]) -> Iterator[ast.AST]:
+    """Classes and functions in source order, also inside if/try/with/match blocks; walking
+    statements only, not every expression node, is what keeps this fast."""
+    for node in body:
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield node
+        for field in ("body", "orelse", "finalbody", "handlers", "cases"):
+            yield from definitions(getattr(node, field, []))
+
+
+# -----------------------------------------------------------------------------
+# tokenisation, in order, across processes
+
+
+def tokenize(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """<|endoftext|> + tokens of each text, concatenated (uint16), and each document's token count."""
+    encoding = get_encoding()
+    docs = [np.fromiter([EOT_ID, *encoding.encode_ordinary(text)], dtype=np.uint16) for text in texts]
+    return np.concatenate(docs), np.array([len(d) for d in docs], dtype=np.int64)
+
+
+def batched(texts: Iterable[str], max_chars: int) -> Iterator[list[str]]:
+    """Consecutive texts in lists of about `max_chars` characters, so every task is about as much work."""
+    batch, chars = [], 0
+    for text in texts:
+        batch.append(text)
+        chars += len(text)
+        if chars >= max_chars:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def tokenized(
+    text_batches: Iterable[list[str]], pool: Pool | None, num_proc: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """tokenize() of each batch, in input order, computed by the pool (None: in this process)."""
+    if pool is None:
+        yield from map(tokenize, text_batches)
+        return
+    pending = deque()
+    for texts in text_batches:
+        pending.append(pool.apply_async(tokenize, (texts,)))
+        # hand results on as soon as they are ready, and wait once enough work is queued
+        while pending and (pending[0].ready() or len(pending) >= TASKS_IN_FLIGHT * num_proc):
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+def init_worker() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled by the main process, which ends the pool
+    get_encoding()
+
+
+def worker_pool(num_proc: int) -> contextlib.AbstractContextManager[Pool | None]:
+    if num_proc == 1:
+        return contextlib.nullcontext()
+    # fork starts workers in milliseconds with the tokenizer loaded; spawn would re-import torch and datasets
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+    return context.Pool(num_proc, initializer=init_worker)
+
+
+# -----------------------------------------------------------------------------
+# the output directory: manifest, resume, shards
+
+
+def new_manifest(source: dict, args: argparse.Namespace) -> dict:
+    return {
+        "source": source,
+        "tokenizer": {"name": "gpt2", "vocab_sha256": VOCAB_SHA256, "vocab_size": VOCAB_SIZE, "eot_id": EOT_ID},
+        "settings": {"shard_size": args.shard_size, "val_tokens": args.val_tokens, "max_tokens": args.max_tokens},
+        "format": f"256 int32 header (magic {MAGIC}, version {VERSION}, token count), then uint16 tokens",
+        "complete": False,
+        "total_tokens": 0,
+        "documents": 0,
+        # per shard: the stream continues at token `end_offset` of document `end_document`
+        "shards": [],
+    }
+
+
+def shard_files(output_dir: Path) -> list[Path]:
+    """Files the loader would read as shards of either split."""
+    return [
+        p
+        for p in sorted(output_dir.iterdir())
+        if p.suffix in SHARD_SUFFIXES and ("train" in p.name or "val" in p.name)
+    ]
+
+
+def resume_point(output_dir: Path, manifest: dict, overwrite: bool) -> dict:
+    """The manifest to continue from: the existing one up to its last intact shard, or `manifest` to start afresh."""
+    path = output_dir / MANIFEST
+    if overwrite or not output_dir.is_dir():
+        return manifest
+    if not path.is_file():
+        if shard_files(output_dir):
+            raise UsageError(
+                f"{output_dir} holds shards not written by this script (no {MANIFEST}); "
+                "pass --overwrite to replace them, or choose another --output_dir"
+            )
+        return manifest
+    try:
+        existing = json.loads(path.read_text())
+        identity = {k: existing[k] for k in ("source", "tokenizer", "settings")}
+    except (ValueError, KeyError) as e:
+        raise UsageError(f"{path} is unreadable ({e}); pass --overwrite to start afresh") from e
+    changed = [k for k, v in identity.items() if v != manifest[k]]
+    if changed:
+        raise UsageError(
+            f"{output_dir} was prepared from {describe(existing['source'])} with other {' and '.join(changed)}; "
+            "pass --overwrite to replace its shards, or choose another --output_dir"
+        )
+    intact = list(
+        itertools.takewhile(lambda s: shard_is_intact(output_dir / s["name"], s["tokens"]), existing["shards"])
+    )
+    if len(intact) < len(existing["shards"]):
+        existing["complete"] = False
+    existing["shards"] = intact
+    return existing
+
+
+def shard_is_intact(path: Path, tokens: int) -> bool:
+    try:
+        return path.is_file() and len(open_shard(path)) == tokens
+    except ShardError:
+        return False
+
+
+def clear_for_writing(output_dir: Path, manifest: dict, overwrite: bool) -> None:
+    """Remove temporary files and every shard not kept by `manifest` (all of them with --overwrite)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    kept = {s["name"] for s in manifest["shards"]}
+    for path in shard_files(output_dir) + sorted(output_dir.glob("*.tmp")):
+        if overwrite or path.name not in kept:
+            path.unlink()
+    write_manifest(output_dir, manifest)
+
+
+def write_manifest(output_dir: Path, manifest: dict) -> None:
+    manifest["total_tokens"] = sum(s["tokens"] for s in manifest["shards"])
+    temporary = output_dir / (MANIFEST + ".tmp")
+    temporary.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(temporary, output_dir / MANIFEST)
+
+
+def next_shard(position: int, settings: dict) -> tuple[str, int]:
+    """Name and size of the shard starting at token `position` of the stream."""
+    shard_size, val_tokens, max_tokens = settings["shard_size"], settings["val_tokens"], settings["max_tokens"]
+    if position < val_tokens:
+        name, size = f"val_{position // shard_size:06d}.bin", min(shard_size, val_tokens - position)
+    else:
+        name, size = f"train_{(position - val_tokens) // shard_size:06d}.bin", shard_size
+    return name, size if max_tokens is None else min(size, max_tokens - position)
+
+
+def save_shard(output_dir: Path, manifest: dict, name: str, tokens: np.ndarray, end: tuple[int, int]) -> None:
+    """Write a shard under a temporary name, rename it, then record it (with where the stream goes on)."""
+    temporary = output_dir / (name + ".tmp")
+    write_shard(temporary, tokens)
+    os.replace(temporary, output_dir / name)
+    manifest["shards"].append({"name": name, "tokens": len(tokens), "end_document": end[0], "end_offset": end[1]})
+    manifest["documents"] = end[0]
+    write_manifest(output_dir, manifest)
+
+
+def stream_position(manifest: dict) -> tuple[int, int]:
+    """(document, token within it) where the shards of `manifest` end and the next one starts."""
+    last = manifest["shards"][-1] if manifest["shards"] else {"end_document": 0, "end_offset": 0}
+    return last["end_document"], last["end_offset"]
+
+
+def write_shards(docs: Iterator[str], manifest: dict, output_dir: Path, pool: Pool | None, num_proc: int) -> int:
+    """Tokenise `docs`, the documents from stream_position(manifest) on, into the shards that follow the ones
+    `manifest` already has; returns the number of tokens written."""
+    settings = manifest["settings"]
+    position = start = sum(s["tokens"] for s in manifest["shards"])
+    document, skip = stream_position(manifest)
+    batches = tokenized(batched(docs, TASK_CHARS), pool, num_proc)
+    name, size = next_shard(position, settings)
+    buffer, filled = np.empty(size, dtype=np.uint16), 0
+    progress = tqdm(total=settings["max_tokens"], initial=position, unit="tok", unit_scale=True, desc="tokenising")
+    with progress:
+        for tokens, lengths in batches:
+            ends = np.cumsum(lengths)
+            cursor, skip = skip, 0  # a resumed stream goes on mid-document
+            while cursor < len(tokens) and size > 0:
+                take = min(size - filled, len(tokens) - cursor)
+                buffer[filled : filled + take] = tokens[cursor : cursor + take]
+                filled, cursor = filled + take, cursor + take
+                progress.update(take)
+                if filled == size:
+                    done = int(np.searchsorted(ends, cursor, side="right"))
+                    offset = cursor - (int(ends[done - 1]) if done else 0)
+                    save_shard(output_dir, manifest, name, buffer, (document + done, offset))
+                    position += filled
+                    name, size = next_shard(position, settings)
+                    buffer, filled = np.empty(max(size, 0), dtype=np.uint16), 0
+            document += len(lengths)
+            if size <= 0:
+                break
+    if filled:
+        save_shard(output_dir, manifest, name, buffer[:filled], (document, 0))
+        position += filled
+    return position - start
+
+
+def summary(manifest: dict) -> str:
+    val = sum(s["tokens"] for s in manifest["shards"] if s["name"].startswith("val"))
+    total = manifest["total_tokens"]
+    shards, documents = len(manifest["shards"]), manifest["documents"]
+    return f"{val:,} val + {total - val:,} train tokens in {shards} shards, from {documents:,} documents"
+
+
+def check_has_training_tokens(manifest: dict) -> None:
+    if not any(s["name"].startswith("train") for s in manifest["shards"]):
+        raise UsageError(
+            f"the input gave only {manifest['total_tokens']:,} tokens, all of them validation "
+            f"(--val_tokens {manifest['settings']['val_tokens']}); re-run with a lower --val_tokens and --overwrite"
+        )
+
+
+def prepare(args: argparse.Namespace) -> dict:
+    """Everything the command does, for `parse_args` arguments; returns the final manifest."""
+    started = time.perf_counter()
+    get_encoding()  # checks the vocabulary file before any work; forked workers inherit it
+    output_dir = Path(args.output_dir)
+    source = describe_source(args)
+    manifest = resume_point(output_dir, new_manifest(source, args), args.overwrite)
+    if manifest["complete"]:
+        print(f"{output_dir} is already complete: {summary(manifest)}")
+        check_has_training_tokens(manifest)
+        return manifest
+    kept = len(manifest["shards"])
+    with worker_pool(args.num_proc) as pool:
+        docs = open_documents(source, skip=stream_position(manifest)[0])
+        clear_for_writing(output_dir, manifest, args.overwrite)
+        written = write_shards(docs, manifest, output_dir, pool, args.num_proc)
+    manifest["complete"] = True
+    write_manifest(output_dir, manifest)
+    seconds = time.perf_counter() - started
+    resumed = f" (kept {kept} complete shards)" if kept else ""
+    print(f"{output_dir}: {summary(manifest)}{resumed}")
+    print(f"tokenised {written:,} tokens in {seconds:.1f} s: {written / seconds:,.0f} tokens/s")
+    check_has_training_tokens(manifest)
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        prepare(args)
+    except UsageError as e:
+        sys.exit(f"prepare_fineweb.py: error: {e}")
+    except KeyboardInterrupt:
+        print(
+            "\nprepare_fineweb.py: interrupted; complete shards are kept: re-run the command to resume",
+            file=sys.stderr,
+        )
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

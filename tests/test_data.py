@@ -1,0 +1,403 @@
+"""Tests of prepare_fineweb.py (text -> shards) and fineweb_shards.py (shards -> batches)."""
+
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import prepare_fineweb
+from fineweb_shards import ShardError, ShardLoader, find_shards, open_shard, write_shard
+from gpt2_tokenizer import EOT_ID, get_encoding
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = (
+    "the of and to in is was that for it with as on by learning students energy water cells history "
+    "teachers reading climate ocean café naïve 東京 🙂 1984 3.14 don't   spaces\ttabs\nnewlines"
+).split(" ")
+
+
+def make_documents(count: int = 200, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 60))) for _ in range(count)]
+    docs[5] = "a literal <|endoftext|> in a document is ordinary text"
+    return docs
+
+
+def token_stream(docs: list[str]) -> np.ndarray:
+    encoding = get_encoding()
+    return np.array([t for d in docs for t in [EOT_ID, *encoding.encode_ordinary(d)]], dtype=np.uint16)
+
+
+def write_jsonl(path: Path, docs: list[str], column: str = "text") -> Path:
+    path.write_text("".join(json.dumps({column: d, "id": i}) + "\n" for i, d in enumerate(docs)))
+    return path
+
+
+def prepare(data_files: list[Path], output_dir: Path, *options: str) -> dict:
+    argv = ["--data_files", *map(str, data_files), "--output_dir", str(output_dir), "--num_proc", "1"]
+    return prepare_fineweb.prepare(prepare_fineweb.parse_args(argv + ["--shard_size", "1500", *options]))
+
+
+def read_split(output_dir: Path, split: str) -> np.ndarray:
+    return np.concatenate([open_shard(p) for p in find_shards(output_dir, split)])
+
+
+def files_of(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def docs() -> list[str]:
+    return make_documents()
+
+
+@pytest.fixture
+def jsonl(tmp_path, docs) -> Path:
+    return write_jsonl(tmp_path / "corpus.jsonl", docs)
+
+
+# -----------------------------------------------------------------------------
+# prepare_fineweb.py
+
+
+def test_round_trip_text_to_shards_to_batches(tmp_path, docs, jsonl):
+    manifest = prepare([jsonl], tmp_path / "out", "--val_tokens", "1000")
+    expected = token_stream(docs)
+    names = [s["name"] for s in manifest["shards"]]
+    assert names[:3] == ["val_000000.bin", "train_000000.bin", "train_000001.bin"]
+    assert [s["tokens"] for s in manifest["shards"][:-1]] == [1000] + [1500] * (len(names) - 2)
+    assert manifest["total_tokens"] == len(expected) and manifest["documents"] == len(docs)
+    assert manifest["tokenizer"]["vocab_sha256"] == prepare_fineweb.VOCAB_SHA256
+    np.testing.assert_array_equal(read_split(tmp_path / "out", "val"), expected[:1000])
+    np.testing.assert_array_equal(read_split(tmp_path / "out", "train"), expected[1000:])
+
+    # the loader gives every B*T window of each train shard in order, then starts again
+    B, T = 2, 16
+    loader = ShardLoader(tmp_path / "out", "train", B, T)
+    windows = []
+    start = 1000
+    for shard in manifest["shards"][1:]:
+        windows += [expected[s : s + B * T + 1] for s in range(start, start + shard["tokens"] - B * T, B * T)]
+        start += shard["tokens"]
+    assert loader.num_batches == len(windows)
+    for window in windows + windows[:1]:
+        x, y = loader.next_batch()
+        assert x.dtype == torch.int64 and x.shape == (B, T)
+        assert torch.equal(x.flatten(), torch.from_numpy(window[:-1].astype(np.int64)))
+        assert torch.equal(y.flatten(), torch.from_numpy(window[1:].astype(np.int64)))
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".arrow", ".txt"])
+def test_file_formats_give_the_same_tokens(tmp_path, docs, suffix):
+    table = pa.table({"text": docs})
+    if suffix == ".parquet":
+        files = [tmp_path / "corpus.parquet"]
+        pq.write_table(table, files[0])
+    elif suffix == ".arrow":
+        files = [tmp_path / "corpus.arrow"]
+        with pa.OSFile(str(files[0]), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+    else:  # one document per file; names sort in document order
+        files = [tmp_path / f"doc_{i:04d}.txt" for i in range(len(docs))]
+        for path, doc in zip(files, docs, strict=True):
+            path.write_text(doc, encoding="utf-8")
+        files = [tmp_path / "doc_*.txt"]
+    prepare(files, tmp_path / "out")
+    stream = np.concatenate([read_split(tmp_path / "out", "val"), read_split(tmp_path / "out", "train")])
+    np.testing.assert_array_equal(stream, token_stream(docs))
+
+
+def test_num_proc_gives_byte_identical_shards(tmp_path, monkeypatch):
+    # small tasks, so each worker gets several and their results interleave
+    monkeypatch.setattr(prepare_fineweb, "TASK_CHARS", 2000)
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", make_documents(600, seed=1))
+    prepare([corpus], tmp_path / "one", "--num_proc", "1")
+    prepare([corpus], tmp_path / "two", "--num_proc", "2")
+    one, two = files_of(tmp_path / "one"), files_of(tmp_path / "two")
+    assert len(one) > 5 and one == two
+
+
+def test_resume_after_crash_keeps_complete_shards(tmp_path, jsonl, monkeypatch):
+    monkeypatch.setattr(prepare_fineweb, "READ_ROWS", 16)  # resuming then skips whole Arrow batches, then rows
+    reference = prepare([jsonl], tmp_path / "reference")
+    assert reference["shards"][0]["end_offset"] > 0  # shards end mid-document, so resuming must too
+
+    written = []
+
+    def write_and_count(path, tokens, crash_at=None):
+        written.append(Path(path).name)
+        if len(written) == crash_at:
+            Path(path).write_bytes(b"half a shard")
+            raise KeyboardInterrupt
+        write_shard(path, tokens)
+
+    monkeypatch.setattr(prepare_fineweb, "write_shard", lambda path, tokens: write_and_count(path, tokens, 3))
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        prepare([jsonl], out)
+    assert (out / "train_000001.bin.tmp").exists()
+    assert json.loads((out / "manifest.json").read_text())["complete"] is False
+    # a kept shard damaged after the crash is redone, with everything after it
+    (out / "train_000000.bin").write_bytes((out / "train_000000.bin").read_bytes()[:-2])
+    kept = (out / "val_000000.bin").stat().st_mtime_ns
+
+    written.clear()
+    monkeypatch.setattr(prepare_fineweb, "write_shard", write_and_count)
+    manifest = prepare([jsonl], out)
+    assert len(written) == len(manifest["shards"]) - 1
+    assert (out / "val_000000.bin").stat().st_mtime_ns == kept
+    assert files_of(out) == files_of(tmp_path / "reference")
+
+
+def test_refuses_to_mix_sources_unless_overwrite(tmp_path, docs, jsonl):
+    out = tmp_path / "out"
+    prepare([jsonl], out)
+    other = write_jsonl(tmp_path / "other.jsonl", docs[:50])
+    with pytest.raises(prepare_fineweb.UsageError, match="--overwrite"):
+        prepare([other], out)
+    (out / "train_000099.bin.tmp").write_bytes(b"left by an interrupted run")
+    manifest = prepare([other], out, "--overwrite")
+    assert sorted(p.name for p in out.iterdir()) == sorted(["manifest.json"] + [s["name"] for s in manifest["shards"]])
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    write_shard(foreign / "fineweb_train_000001.bin", np.zeros(10, dtype=np.uint16))
+    with pytest.raises(prepare_fineweb.UsageError, match="not written by this script"):
+        prepare([jsonl], foreign)
+
+
+def test_python_docs_source_is_offline_english_and_stops_at_max_tokens(tmp_path):
+    first = next(prepare_fineweb.python_docstrings())
+    assert first == next(prepare_fineweb.python_docstrings()) and " the " in first
+    argv = ["--source", "python_docs", "--output_dir", str(tmp_path), "--num_proc", "2"]
+    manifest = prepare_fineweb.prepare(
+        prepare_fineweb.parse_args(argv + ["--max_tokens", "3000", "--shard_size", "1000", "--val_tokens", "500"])
+    )
+    assert [s["tokens"] for s in manifest["shards"]] == [500, 1000, 1000, 500]
+    tokens = read_split(tmp_path, "val")
+    assert tokens[0] == EOT_ID and get_encoding().decode(tokens[1:].tolist()).startswith(first[:100])
+
+
+def run_cli(*argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "prepare_fineweb.py"), *argv],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=120,
+    )
+
+
+def test_cli_hub_without_network_suggests_data_files(tmp_path):
+    # offline mode fails the way a machine without network does, minus the retries
+    result = run_cli("--output_dir", str(tmp_path / "out"), env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode != 0
+    assert "cannot reach the Hugging Face Hub" in result.stderr and "--data_files" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_missing_text_column_lists_columns(tmp_path, docs):
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", docs, column="body")
+    result = run_cli("--data_files", str(corpus), "--output_dir", str(tmp_path / "out"))
+    assert result.returncode != 0
+    assert "no column 'text'" in result.stderr and "body, id" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "data_file, contents, message",
+    [
+        ("missing/*.parquet", None, "no files match"),
+        ("empty.jsonl", "", "no documents"),
+        ("numbers.jsonl", '{"text": 1}\n', "holds int64, not text"),
+        ("null.jsonl", '{"text": "a"}\n{"text": null}\n', "missing (null) values"),
+        ("small.jsonl", '{"text": "too short for a training shard"}\n', "all of them validation"),
+    ],
+)
+def test_main_reports_input_mistakes_in_one_line(tmp_path, data_file, contents, message):
+    if contents is not None:
+        (tmp_path / data_file).write_text(contents)
+    with pytest.raises(SystemExit) as exit_info:
+        prepare_fineweb.main(["--data_files", str(tmp_path / data_file), "--output_dir", str(tmp_path / "out")])
+    assert exit_info.value.code not in (0, None)
+    assert message in str(exit_info.value.code) and "\n" not in str(exit_info.value.code)
+
+
+# -----------------------------------------------------------------------------
+# fineweb_shards.py: formats
+
+
+def write_llmc_by_spec(path: Path, tokens: np.ndarray, magic=20240520, version=1, count=None) -> Path:
+    """An llm.c shard written from the format description, independently of write_shard."""
+    header = np.zeros(256, dtype="<i4")
+    header[0], header[1], header[2] = magic, version, len(tokens) if count is None else count
+    path.write_bytes(header.tobytes() + tokens.astype("<u2").tobytes())
+    return path
+
+
+def positions(n: int, start: int = 0) -> np.ndarray:
+    return (np.arange(start, start + n) % 50000).astype(np.uint16)
+
+
+@pytest.mark.parametrize("fmt", ["llmc", "npy", "headerless"])
+def test_reads_llmc_npy_and_headerless_shards(tmp_path, fmt):
+    for i, name in enumerate(["fineweb_val_000000", "fineweb_train_000001", "fineweb_train_000002"]):
+        tokens = positions(300, start=300 * i)
+        if fmt == "llmc":
+            write_llmc_by_spec(tmp_path / f"{name}.bin", tokens)
+        elif fmt == "npy":
+            np.save(tmp_path / f"{name}.npy", tokens)
+        else:
+            tokens.tofile(tmp_path / f"{name}.bin")
+    assert [p.stem for p in find_shards(tmp_path, "train")] == ["fineweb_train_000001", "fineweb_train_000002"]
+    loader = ShardLoader(tmp_path, "train", batch_size=2, seq_len=10)
+    batches = [loader.next_batch() for _ in range(loader.num_batches)]
+    assert loader.num_batches == 2 * (299 // 20)
+    x, y = batches[0]
+    assert x[0].tolist() == list(range(300, 310)) and y[1].tolist() == list(range(311, 321))
+    assert batches[299 // 20][0][0, 0].item() == 600  # the second shard starts at its own first token
+
+
+CORRUPTIONS = {
+    "bad magic": lambda p: write_llmc_by_spec(p, positions(100), magic=12345),
+    "bad version": lambda p: write_llmc_by_spec(p, positions(100), version=2),
+    "size mismatch": lambda p: write_llmc_by_spec(p, positions(100), count=150),
+    "odd headerless size": lambda p: p.write_bytes(b"\x01\x00\x02"),
+    "truncated header": lambda p: p.write_bytes(np.array([20240520, 1], dtype="<i4").tobytes()),
+    "npy not uint16": lambda p: np.save(p.with_suffix(".npy"), np.arange(100, dtype=np.int32)),
+    "npy garbage": lambda p: p.with_suffix(".npy").write_bytes(b"not an array at all"),
+    "npy truncated": lambda p: p.with_suffix(".npy").write_bytes(npy_bytes(positions(100))[:-50]),
+}
+FOUND = {
+    "bad magic": "magic 12345",
+    "bad version": "version 2",
+    "size mismatch": "header says 150 tokens",
+    "odd headerless size": "3 bytes",
+    "truncated header": "shorter than the 1024-byte",
+    "npy not uint16": "int32",
+    "npy garbage": "not a .npy file",
+    "npy truncated": "truncated or corrupt",
+}
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPTIONS))
+def test_corrupt_shard_is_named_with_what_was_found(tmp_path, case):
+    data = tmp_path / "data"
+    data.mkdir()
+    CORRUPTIONS[case](data / "train_000000.bin")
+    (bad,) = data.iterdir()
+    with pytest.raises(ShardError) as error:
+        ShardLoader(data, "train", batch_size=1, seq_len=8)
+    assert bad.name in str(error.value) and FOUND[case] in str(error.value)
+
+
+def test_token_id_beyond_vocab_is_an_error_naming_the_shard(tmp_path):
+    tokens = positions(100)
+    tokens[50] = 50257
+    write_shard(tmp_path / "train_000000.bin", tokens)
+    loader = ShardLoader(tmp_path, "train", batch_size=2, seq_len=10)
+    loader.next_batch()
+    loader.next_batch()
+    with pytest.raises(ShardError, match=r"train_000000.bin: token id 50257 at token 50 is >= vocab_size 50257"):
+        loader.next_batch()
+    assert ShardLoader(tmp_path, "train", batch_size=2, seq_len=10, vocab_size=65536).num_batches == 4
+
+
+def test_missing_dir_no_shards_and_short_shard_errors(tmp_path):
+    with pytest.raises(ShardError, match="no such directory"):
+        ShardLoader(tmp_path / "nope", "train", 1, 8)
+    (tmp_path / "notes.txt").write_text("")
+    write_shard(tmp_path / "val_000000.bin", positions(100))
+    with pytest.raises(ShardError, match=r"no train shards .* it contains: notes.txt, val_000000.bin"):
+        find_shards(tmp_path, "train")
+    with pytest.raises(
+        ShardError, match=r"val_000000.bin: 100 tokens, shorter than one batch window of B\*T\+1 = 129"
+    ):
+        ShardLoader(tmp_path, "val", batch_size=2, seq_len=64)
+
+
+# -----------------------------------------------------------------------------
+# fineweb_shards.py: ranks, shuffling, state
+
+
+@pytest.fixture
+def three_shards(tmp_path) -> Path:
+    # token value = position in the stream, so a batch's first token says which window it is
+    for i, n in enumerate([170, 200, 130]):
+        write_shard(tmp_path / f"train_{i:06d}.bin", positions(n, start=1000 * i))
+    return tmp_path
+
+
+def window_starts(loader: ShardLoader, batches: int) -> list[int]:
+    return [loader.next_batch()[0][0, 0].item() for _ in range(batches)]
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_ranks_read_disjoint_windows_that_cover_the_stream(three_shards, shuffle):
+    B, T, world = 2, 8, 3
+    all_windows = [1000 * i + s for i, n in enumerate([170, 200, 130]) for s in range(0, n - B * T, B * T)]
+    per_rank = []
+    for rank in range(world):
+        loader = ShardLoader(three_shards, "train", B, T, rank=rank, world_size=world, seed=7, shuffle=shuffle)
+        assert loader.num_batches == len(all_windows) // world
+        per_rank.append(window_starts(loader, loader.num_batches))
+    seen = [s for starts in per_rank for s in starts]
+    assert len(set(seen)) == len(seen)
+    assert len(all_windows) - len(seen) < world and set(seen) <= set(all_windows)
+    assert (per_rank[0] != sorted(per_rank[0])) == shuffle
+
+
+def test_shuffle_permutes_shards_and_windows_every_epoch_from_the_seed(three_shards):
+    def epochs(seed, count=4):
+        loader = ShardLoader(three_shards, "train", 2, 8, seed=seed, shuffle=True)
+        return [window_starts(loader, loader.num_batches) for _ in range(count)]
+
+    runs = epochs(seed=1)
+    assert runs == epochs(seed=1) and runs[0] != epochs(seed=2)[0]
+    # a shard is read whole before the next, in an order that changes between epochs
+    assert len({tuple(dict.fromkeys(start // 1000 for start in epoch)) for epoch in runs}) > 1
+    in_shard_1 = [[start for start in epoch if start // 1000 == 1] for epoch in runs]
+    assert in_shard_1[0] != sorted(in_shard_1[0]) and in_shard_1[0] != in_shard_1[1]
+    assert sorted(in_shard_1[0]) == sorted(in_shard_1[1])
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_state_dict_resumes_at_the_exact_next_batch(three_shards, shuffle):
+    loader = ShardLoader(three_shards, "train", 2, 8, rank=1, world_size=2, seed=3, shuffle=shuffle)
+    for _ in range(loader.num_batches + 3):  # into the second epoch
+        loader.next_batch()
+    state = json.loads(json.dumps(loader.state_dict()))
+    expected = [loader.next_batch() for _ in range(loader.num_batches)]
+    resumed = ShardLoader(three_shards, "train", 2, 8, rank=1, world_size=2, seed=3, shuffle=shuffle)
+    resumed.load_state_dict(state)
+    for (x, y), (rx, ry) in zip(expected, iter(resumed), strict=False):
+        assert torch.equal(x, rx) and torch.equal(y, ry)
+
+
+def test_load_state_dict_refuses_another_layout(three_shards):
+    state = ShardLoader(three_shards, "train", 2, 8).state_dict()
+    with pytest.raises(ValueError, match="batch_size: saved 2, now 4"):
+        ShardLoader(three_shards, "train", 4, 8).load_state_dict(state)
+
+
+def test_reset_starts_a_fresh_pass(three_shards):
+    loader = ShardLoader(three_shards, "train", 2, 8)
+    first = window_starts(loader, 3)
+    loader.reset()
+    assert window_starts(loader, 3) == first == [0, 16, 32]
