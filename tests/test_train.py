@@ -1,0 +1,356 @@
+"""train_accelerate.py end to end: a tiny MoE trained on a generated corpus, on CPU.
+
+One 2-process `accelerate launch` run (a module fixture) serves the tests of the log, the loss,
+the expert load and the checkpoints, and is the reference that the 1-process run and the
+resumed run must reproduce.
+"""
+
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from accelerate.commands.config.config_args import load_config_from_file
+from conftest import REPO_ROOT, tiny_model
+from safetensors.torch import load_file
+
+import train_accelerate
+from fineweb_shards import write_shard
+
+SCRIPT = str(REPO_ROOT / "train_accelerate.py")
+LAUNCH_TWO = [
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--config_file",
+    str(REPO_ROOT / "accelerate_configs" / "cpu_2proc.yaml"),
+    SCRIPT,
+]
+STEPS = 8
+# 2 layers of 4 experts (top-2), 32 wide, float32; 256 tokens per step: 2 processes x 4 x 32,
+# or 1 process x 4 x 32 x 2 micro-steps
+TINY_RUN = (
+    "--n_layer 2 --n_head 2 --n_embd 32 --num_experts 4 --num_experts_per_tok 2 --vocab_size 50304 "
+    "--block_size 32 --seq_len 32 --micro_batch_size 4 --total_batch_size 256 "
+    f"--max_steps {STEPS} --warmup_steps 2 --max_lr 1e-2 --min_lr 1e-3 --mixed_precision no "
+    "--eval_interval 4 --val_steps 2 --hellaswag_interval 0 --sample_interval 0 --save_interval 4"
+).split()
+# one thread per process (two share the cores), and a Hub that fails fast
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+HELLASWAG_EXAMPLE = {
+    "activity_label": "Cooking",
+    "ctx_a": "A man cracks two eggs into a bowl.",
+    "ctx_b": "he",
+    "ctx": "A man cracks two eggs into a bowl. he",
+    "endings": ["whisks them.", "sings loudly.", "paints a wall.", "drives away."],
+    "label": 0,
+}
+
+
+def start(command: list, cwd: Path) -> subprocess.Popen:
+    command = [str(part) for part in command]
+    return subprocess.Popen(command, cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def run(command: list, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    command = [str(part) for part in command]
+    return subprocess.run(command, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def parse_recipe(name: str, *flags: str) -> tuple:
+    return train_accelerate.parse_arguments(["--config", str(REPO_ROOT / "configs" / f"{name}.yaml"), *flags])
+
+
+def read_log(output_dir: Path) -> dict[str, dict[int, float]]:
+    records: dict[str, dict[int, float]] = {}
+    for line in (output_dir / "log.txt").read_text().splitlines():
+        step, stream, value = line.split()
+        records.setdefault(stream, {})[int(step)] = float(value)
+    return records
+
+
+def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(output_dir / f"model_{STEPS:05d}" / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """Shards of a learnable stream: one fixed cycle of 61 distinct token ids, so each token predicts the next."""
+    data_dir = tmp_path_factory.mktemp("corpus")
+    cycle = np.random.default_rng(0).permutation(np.arange(1000, 1061)).astype(np.uint16)
+    stream = np.tile(cycle, 170)
+    write_shard(data_dir / "val_000000.bin", stream[:2048])
+    write_shard(data_dir / "train_000000.bin", stream[2048:])
+    return data_dir
+
+
+@pytest.fixture(scope="module")
+def two_process_run(corpus, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The reference run: 2 processes, HellaSwag on a small file, samples, and a push to an offline Hub."""
+    work = tmp_path_factory.mktemp("two_process")
+    (work / "hellaswag.jsonl").write_text(
+        "\n".join(json.dumps({**HELLASWAG_EXAMPLE, "label": i}) for i in range(4)) + "\n"
+    )
+    output_dir = work / "log"
+    hub = ["--push_to_hub", "--hub_model_id", "nobody/tiny-moe"]
+    flags = [*TINY_RUN, *evaluation_flags(work), *hub, "--data_dir", corpus, "--output_dir", output_dir]
+    result = run([*LAUNCH_TWO, *flags], work)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return output_dir, result
+
+
+def evaluation_flags(work: Path) -> list:
+    """The reference run's HellaSwag (on a 4-example file in `work`) and samples, every 4 steps."""
+    return ["--hellaswag_interval", 4, "--hellaswag_file", work / "hellaswag.jsonl", "--sample_interval", 4]
+
+
+# -----------------------------------------------------------------------------
+# the 2-process run
+
+
+def test_log_txt_keeps_the_seed_format(two_process_run):
+    output_dir, result = two_process_run
+    lines = (output_dir / "log.txt").read_text().splitlines()
+    assert all(re.fullmatch(r"\d+ (train|val|hella) \d+\.\d+", line) for line in lines), lines
+    records = read_log(output_dir)
+    assert sorted(records["train"]) == list(range(STEPS))
+    assert sorted(records["val"]) == sorted(records["hella"]) == [0, 4, 8]
+    assert all(0.0 <= acc <= 1.0 for acc in records["hella"].values())
+    assert (output_dir / "loss.png").stat().st_size > 0
+    assert (output_dir / "expert_load.png").stat().st_size > 0
+    assert "Traceback" not in result.stderr
+    step_line = next(line for line in result.stdout.splitlines() if line.startswith("step     7 |"))
+    for field in ("loss", "aux", "lr", "norm", "dt", "tok/sec", "mfu n/a"):
+        assert field in step_line
+    assert result.stdout.count("sample 3: Hello, I'm a language model,") == 3  # steps 0, 4 and 8
+
+
+def test_loss_goes_down(two_process_run):
+    records = read_log(two_process_run[0])
+    assert records["train"][STEPS - 1] < records["train"][0] - 1.0
+    assert records["val"][STEPS] < records["val"][0] - 1.0
+
+
+def test_expert_load_is_reported_and_sums_to_one(two_process_run):
+    output_dir, result = two_process_run
+    evaluations = [json.loads(line) for line in (output_dir / "expert_load.jsonl").read_text().splitlines()]
+    assert [evaluation["step"] for evaluation in evaluations] == [0, 4, 8]
+    for evaluation in evaluations:
+        assert [layer["layer"] for layer in evaluation["layers"]] == [0, 1]
+        for layer in evaluation["layers"]:
+            assert len(layer["fractions"]) == 4
+            assert sum(layer["fractions"]) == pytest.approx(1.0, abs=1e-6)
+            assert layer["max_over_mean"] == pytest.approx(4 * max(layer["fractions"]))
+            assert 0.0 < layer["router_entropy"] <= math.log(4) + 1e-6
+    assert result.stdout.count("expert load: max/mean") == 2 * 3
+
+
+def test_checkpoint_is_a_hub_ready_folder_with_the_training_state(two_process_run):
+    output_dir, result = two_process_run
+    # written under a temporary name, renamed when complete
+    assert sorted(p.name for p in output_dir.glob("model_*")) == ["model_00004", "model_00008"]
+    checkpoint = output_dir / "model_00008"
+    config = json.loads((checkpoint / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_gpt_moe.GPTMoEForCausalLM"
+    for name in ("model.safetensors", "modeling_gpt_moe.py", "configuration_gpt_moe.py", "tokenizer.json"):
+        assert (checkpoint / name).is_file(), name
+    card = (checkpoint / "README.md").read_text()
+    assert "## Training configuration" in card and "validation loss" in card and "total_batch_size: 256" in card
+    state = checkpoint / "training_state"
+    for name in ("optimizer.bin", "random_states_0.pkl", "random_states_1.pkl"):
+        assert (state / name).is_file(), name
+    trainer_state = json.loads((state / "trainer_state.json").read_text())
+    assert trainer_state["step"] == 8 and trainer_state["world_size"] == 2
+    # the Hub folder holds the same weights the training state resumes from
+    hub_weights, state_weights = load_file(checkpoint / "model.safetensors"), load_file(state / "model.safetensors")
+    for name, tensor in state_weights.items():
+        assert torch.equal(hub_weights[name], tensor), name
+    # the offline Hub: each push is a warning, the run goes on
+    assert "warning: push of model_00004 to nobody/tiny-moe failed" in result.stdout
+
+
+def test_checkpoint_loads_and_generates_in_a_fresh_process(two_process_run, tmp_path):
+    # a copy of sample.py, run elsewhere: nothing of the repository is on its path
+    shutil.copy(REPO_ROOT / "sample.py", tmp_path)
+    checkpoint = two_process_run[0] / "model_00008"
+    command = [sys.executable, "sample.py", checkpoint, "--num_samples", "2", "--max_new_tokens", "8"]
+    result = run(command, tmp_path)
+    assert result.returncode == 0, result.stderr
+    samples = [line for line in result.stdout.splitlines() if line.startswith("sample ")]
+    assert len(samples) == 2 and all("Hello, I'm a language model," in sample for sample in samples)
+
+
+# -----------------------------------------------------------------------------
+# the runs that must reproduce it
+
+
+def test_one_process_matches_two_processes(two_process_run, corpus, tmp_path):
+    output_dir = tmp_path / "log"
+    flags = [*TINY_RUN, "--save_total_limit", "1", "--data_dir", corpus, "--output_dir", output_dir]
+    result = run([sys.executable, SCRIPT, *flags], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "x 1 processes x 2 accumulation steps" in result.stdout
+    assert [p.name for p in output_dir.glob("model_*")] == ["model_00008"]  # model_00004 pruned
+    one, two = read_log(output_dir)["train"], read_log(two_process_run[0])["train"]
+    # float32: the runs may differ only in the order gradients are summed (here they came out
+    # bit-identical); AdamW magnifies such rounding on parameters with near-zero gradients
+    assert one == pytest.approx(two, abs=1e-6)
+    weights_one, weights_two = final_weights(output_dir), final_weights(two_process_run[0])
+    for name, tensor in weights_two.items():
+        relative = (weights_one[name] - tensor).norm() / tensor.norm().clamp(min=1e-12)
+        assert relative < 1e-5, (name, relative.item())
+
+
+def test_resume_continues_exactly(two_process_run, corpus, tmp_path):
+    reference_dir = two_process_run[0]
+    output_dir = tmp_path / "log"
+    output_dir.mkdir()
+    shutil.copytree(reference_dir / "model_00004", output_dir / "model_00004")
+    shutil.copy(reference_dir / "log.txt", output_dir / "log.txt")  # with the records after step 4: dropped
+    resume = ["--resume_from_checkpoint", "latest", "--data_dir", corpus, "--output_dir", output_dir]
+    result = run([*LAUNCH_TWO, *TINY_RUN, *evaluation_flags(reference_dir.parent), *resume], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "resumed from" in result.stdout and "at step 4" in result.stdout
+    assert (output_dir / "log.txt").read_text() == (reference_dir / "log.txt").read_text()
+    resumed, uninterrupted = final_weights(output_dir), final_weights(reference_dir)
+    for name, tensor in uninterrupted.items():
+        assert torch.equal(resumed[name], tensor), name
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(corpus, tmp_path):
+    output_dir = tmp_path / "log"
+    endless = [*TINY_RUN, "--max_steps", "100000", "--eval_interval", "0", "--save_interval", "0"]
+    command = [sys.executable, SCRIPT, *endless, "--data_dir", corpus, "--output_dir", output_dir]
+    process = start(command, tmp_path)
+    deadline = time.time() + 180
+    while not ((output_dir / "log.txt").exists() and "1 train" in (output_dir / "log.txt").read_text()):
+        assert process.poll() is None and time.time() < deadline, "the run did not reach step 1"
+        time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    assert "SIGTERM: saving a checkpoint and stopping after this step" in stdout
+    assert "Traceback" not in stderr
+    (checkpoint,) = output_dir.glob("model_*")
+    last_step = max(read_log(output_dir)["train"])
+    assert checkpoint.name == f"model_{last_step + 1:05d}"
+    trainer_state = json.loads((checkpoint / "training_state" / "trainer_state.json").read_text())
+    assert trainer_state["step"] == last_step + 1
+
+
+def test_nonfinite_loss_stops_with_a_checkpoint(corpus, tmp_path):
+    output_dir = tmp_path / "log"
+    # a learning rate this large overflows the weights within a few steps
+    exploding = [*TINY_RUN, "--max_lr", "1e30", "--warmup_steps", "1", "--max_nonfinite_steps", "2"]
+    result = run([sys.executable, SCRIPT, *exploding, "--data_dir", corpus, "--output_dir", output_dir], tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: 2 steps in a row with a non-finite loss or gradient norm")
+    assert "Traceback" not in result.stderr
+    assert "update skipped" in result.stdout
+    (checkpoint,) = output_dir.glob("model_*")
+    assert (checkpoint / "training_state" / "trainer_state.json").is_file()
+
+
+def test_bad_input_is_one_clear_line(corpus, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "typo.yaml").write_text("max_lrr: 0.001\n")
+    data = ["--data_dir", corpus]
+    cases = {
+        "missing data dir": (["--data_dir", tmp_path / "nowhere"], "nowhere: no such directory"),
+        "no shards": (["--data_dir", tmp_path / "empty"], "no train shards"),
+        "batch arithmetic": ([*data, "--total_batch_size", "1000"], "set --total_batch_size to a multiple of it"),
+        "unknown config key": ([*data, "--config", tmp_path / "typo.yaml"], "unknown key 'max_lrr' (did you mean"),
+    }
+    # started side by side: each spends most of its few seconds importing
+    processes = {
+        case: start([sys.executable, SCRIPT, *TINY_RUN, *flags, "--output_dir", tmp_path / "log"], tmp_path)
+        for case, (flags, _) in cases.items()
+    }
+    for case, process in processes.items():
+        _, stderr = process.communicate(timeout=180)
+        assert process.returncode == 1, case
+        lines = stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), (case, stderr)
+        assert cases[case][1] in lines[0], (case, lines[0])
+
+
+# -----------------------------------------------------------------------------
+# in-process: arguments, schedule, optimizer, configs
+
+
+def test_help_lists_training_and_model_arguments(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_accelerate.parse_arguments(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--config", "--total_batch_size", "--resume_from_checkpoint", "--num_experts", "--mlp_only_layers"):
+        assert flag in text
+
+
+@pytest.mark.parametrize(
+    "recipe, world_sizes",
+    [("gpt2_moe_124m", [1, 8]), ("gpt2_dense_124m", [1, 8]), ("gpt2_moe_fine_grained", [1, 8]), ("tiny_cpu", [1, 2])],
+)
+def test_recipes_parse_and_their_batch_divides(recipe, world_sizes):
+    model_args, args = parse_recipe(recipe)
+    for world_size in world_sizes:
+        assert train_accelerate.gradient_accumulation_steps(args, world_size) >= 1
+    assert args.seq_len <= model_args.block_size
+
+
+def test_seed_recipe_is_build_nanogpts_run():
+    model_args, args = parse_recipe("gpt2_moe_124m")
+    assert (model_args.n_layer, model_args.n_head, model_args.n_embd, model_args.vocab_size) == (12, 12, 768, 50304)
+    assert model_args.use_moe
+    assert (args.total_batch_size, args.micro_batch_size, args.seq_len) == (524288, 16, 1024)
+    assert (args.max_lr, args.min_lr, args.warmup_steps, args.max_steps) == (6e-4, 6e-5, 715, 19073)
+    assert (args.weight_decay, args.grad_clip, args.eval_interval, args.save_interval) == (0.1, 1.0, 250, 5000)
+    assert train_accelerate.gradient_accumulation_steps(args, 8) == 4
+
+
+def test_unknown_tracker_is_a_clear_error():
+    with pytest.raises(train_accelerate.TrainingError, match="unknown tracker 'tensorbored'"):
+        parse_recipe("tiny_cpu", "--report_to", "tensorbored")
+
+
+def test_command_line_overrides_the_recipe():
+    model_args, args = parse_recipe("tiny_cpu", "--max_steps", "7", "--n_layer", "3")
+    assert (args.max_steps, model_args.n_layer) == (7, 3)
+
+
+def test_lr_schedule_warms_up_then_decays_to_min_lr():
+    args = train_accelerate.TrainArguments(max_lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=100)
+    lrs = [train_accelerate.get_lr(step, args) for step in range(101)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False))
+    assert lrs[100] == pytest.approx(0.1)
+
+
+def test_weight_decay_applies_to_matrices_including_stacked_experts():
+    model = tiny_model()
+    optimizer = train_accelerate.configure_optimizer(
+        model, train_accelerate.TrainArguments(weight_decay=0.1), torch.device("cpu")
+    )
+    decayed = {id(p) for p in optimizer.param_groups[0]["params"]}
+    names = {name: id(p) in decayed for name, p in model.named_parameters()}
+    assert names["transformer.h.0.mlp.experts.up_proj"] and names["transformer.h.0.mlp.router.weight"]
+    assert not names["transformer.h.0.mlp.experts.up_proj_bias"] and not names["transformer.h.0.ln_1.weight"]
+    assert optimizer.param_groups[1]["weight_decay"] == 0.0
+
+
+def test_accelerate_configs_load():
+    paths = (REPO_ROOT / "accelerate_configs").glob("*.yaml")
+    configs = {path.stem: load_config_from_file(str(path)) for path in paths}
+    assert set(configs) == {"single_gpu", "multi_gpu", "multi_node", "fsdp2", "deepspeed_zero2", "cpu_2proc"}
+    assert configs["fsdp2"].fsdp_config["fsdp_version"] == 2
+    assert configs["deepspeed_zero2"].deepspeed_config["zero_stage"] == 2
+    assert (configs["cpu_2proc"].num_processes, configs["cpu_2proc"].distributed_type) == (2, "MULTI_GPU")
