@@ -21,6 +21,7 @@ $GPT_MOE_HELLASWAG_DIR (default ~/.cache/gpt_moe/hellaswag), or read from --data
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -275,17 +276,22 @@ def evaluate(
     """Accuracy of a causal LM on rendered examples; with world_size > 1 every rank scores every
     world_size-th example and the counts are summed with `reduce`, so all ranks get the full result.
 
-    Pass the unwrapped model (`accelerator.unwrap_model(model)`): ranks may run different numbers
-    of forward passes, which a DDP/FSDP wrapper would wait on. Dropout is off during the call.
+    Every rank runs the same number of forward passes (a rank that runs out scores a throwaway
+    batch), so a sharded (FSDP) model stays in step. Dropout is off during the call.
     """
     shard = examples[rank::world_size]
     device = next(model.parameters()).device
     counts = torch.zeros(3, dtype=torch.long, device=device)  # examples, correct, correct_norm
     was_training = model.training
     model.eval()
-    batches = range(0, len(shard), batch_size)
-    for start in tqdm(batches, desc="hellaswag", disable=not show_progress or rank != 0):
+    num_batches = math.ceil(math.ceil(len(examples) / world_size) / batch_size)
+    for start in tqdm(
+        range(0, num_batches * batch_size, batch_size), desc="hellaswag", disable=not show_progress or rank != 0
+    ):
         batch = shard[start : start + batch_size]
+        if not batch:
+            ending_losses(model, examples[:1])
+            continue
         losses = ending_losses(model, batch)
         norm_lengths = torch.tensor([example.norm_lengths for example in batch], device=device)
         labels = torch.tensor([example.label for example in batch], device=device)

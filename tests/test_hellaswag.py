@@ -242,6 +242,22 @@ def test_distributed_shards_sum_to_single_process(model, tokenizer):
         hellaswag.evaluate(model, rendered, world_size=2)
 
 
+def test_every_rank_runs_the_same_number_of_forward_passes(model, tokenizer):
+    """A sharded (FSDP) model hangs if one rank stops calling forward before the others."""
+    rendered = hellaswag.render_examples(EXAMPLES, tokenizer)  # 5 examples: 3 on rank 0, 2 on rank 1
+    calls = []
+    hook = model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        passes = []
+        for rank in (0, 1):
+            calls.clear()
+            hellaswag.evaluate(model, rendered, batch_size=1, rank=rank, world_size=2, reduce=lambda c: c)
+            passes.append(len(calls))
+    finally:
+        hook.remove()
+    assert passes == [3, 3]
+
+
 def test_torchrun_two_processes_match_single_process(model_dir, data_file, tmp_path):
     single_json, dual_json = tmp_path / "single.json", tmp_path / "dual.json"
     args = ["--model", str(model_dir), "--data_file", str(data_file), "--device", "cpu", "--batch_size", "2"]
