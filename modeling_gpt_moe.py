@@ -162,11 +162,19 @@ class GPTMoEExperts(nn.Module):
         expert_ids = top_k_index.reshape(-1)  # (N*k,)
         order = torch.argsort(expert_ids, stable=True)
         tokens_per_expert = torch.bincount(expert_ids, minlength=self.num_experts).tolist()
-        routed = hidden_states[order // top_k].split(tokens_per_expert)  # E slices of (n_e, H)
-        expert_outputs = []
-        for e, x in enumerate(routed):
-            x = self.act_fn(F.linear(x, self.up_proj[e], self.up_proj_bias[e]))
-            expert_outputs.append(F.linear(x, self.down_proj[e], self.down_proj_bias[e]))
+        # index_select, not hidden_states[...]: its backward is an index_add, several times faster on CPU
+        routed = hidden_states.index_select(0, order // top_k).split(tokens_per_expert)  # E slices of (n_e, H)
+        # unbind, not up_proj[e]: indexing in the loop makes backward build E zero-filled (E, I, H) gradients
+        weights = (
+            self.up_proj.unbind(),
+            self.up_proj_bias.unbind(),
+            self.down_proj.unbind(),
+            self.down_proj_bias.unbind(),
+        )
+        expert_outputs = [
+            F.linear(self.act_fn(F.linear(x, up, up_bias)), down, down_bias)
+            for x, up, up_bias, down, down_bias in zip(routed, *weights, strict=True)
+        ]
         sorted_outputs = torch.cat(expert_outputs) * top_k_weights.reshape(-1)[order, None]
         outputs = sorted_outputs.new_empty(sorted_outputs.shape).index_copy(0, order, sorted_outputs)
         return outputs.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)  # (N, H)

@@ -1,0 +1,211 @@
+"""Cost of the MoE layers on CPU: routing and dispatch overhead, and our block against OLMoE's.
+
+    python bench/bench_moe_cpu.py            # BENCHMARKS.md shapes, a few minutes on 2 cores
+    python bench/bench_moe_cpu.py --quick    # tiny shapes, under a minute
+
+1. Overhead: a MoE layer of 8 experts, top-1, against the dense MLP of the same active FLOPs (width
+   4 * n_embd), and top-2 against a dense MLP of twice that width; forward + backward of the layer
+   alone, then a whole-model training step (forward + backward + fused AdamW, router losses included).
+2. Our sparse block against transformers' OlmoeSparseMoeBlock at the same hidden size, experts, top-k
+   and router weights (so the same tokens go to the same experts). OLMoE experts are SwiGLU (three
+   matrices), so its intermediate size is 2/3 of ours for the same active FLOPs. Every experts
+   implementation of both is timed; the ratio compares the fastest of each.
+Everything is fp32 (the fast dtype on a CPU without AMX). Contenders run interleaved (A B, B A, ...);
+each figure is the median of per-round ratios.
+"""
+
+import argparse
+import datetime
+import itertools
+import platform
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from timing import ratio_row, time_interleaved
+from transformers import OlmoeConfig
+from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from configuration_gpt_moe import GPTMoEConfig  # noqa: E402
+from modeling_gpt_moe import GPTMoEForCausalLM, GPTMoEMLP, GPTMoESparseMoeBlock  # noqa: E402
+
+FULL = dict(
+    n_layer=4, n_head=6, n_embd=384, seq_len=256, batch_size=4, vocab_size=8192, repeats=7, layer_batch_sizes=(4, 16)
+)
+QUICK = dict(
+    n_layer=2, n_head=4, n_embd=192, seq_len=128, batch_size=4, vocab_size=2048, repeats=5, layer_batch_sizes=(4,)
+)
+NUM_EXPERTS = 8
+# batched_mm gathers one weight matrix per (token, expert) pair: 2 * S * I * H floats, 9.7 GB at the full
+# shape with top-2, ~20 s per block on 2 cores (50x the others), so it is left out on CPU
+EXPERTS_IMPLEMENTATIONS = ("eager", "grouped_mm")
+
+
+def gpt_moe_config(shape: dict, **overrides) -> GPTMoEConfig:
+    config = GPTMoEConfig(
+        vocab_size=shape["vocab_size"],
+        block_size=shape["seq_len"],
+        n_layer=shape["n_layer"],
+        n_head=shape["n_head"],
+        n_embd=shape["n_embd"],
+        num_experts=NUM_EXPERTS,
+        bos_token_id=0,
+        eos_token_id=0,
+        **overrides,
+    )
+    config._experts_implementation = "eager"
+    return config
+
+
+def with_experts_implementation(module: torch.nn.Module, implementation: str, fn: Callable) -> Callable[[], None]:
+    """`fn` run with the experts of `module` (a sparse block or a whole model) set to `implementation`."""
+
+    config = getattr(module, "experts", module).config  # a block's experts hold the config, a model holds it
+
+    def run() -> None:
+        config._experts_implementation = implementation
+        fn()
+
+    return run
+
+
+def fwd_bwd_fn(layer: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    """Forward and backward of one layer, gradients dropped after (as zero_grad does in training);
+    a MoE block's router logits are left out of the loss."""
+    grad_output = torch.randn_like(x)
+
+    def run() -> None:
+        output = layer(x)
+        output = output[0] if isinstance(output, tuple) else output
+        output.backward(grad_output)
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+
+    return run
+
+
+def train_step_fn(model: GPTMoEForCausalLM, ids: torch.Tensor) -> Callable[[], None]:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+
+    def step() -> None:
+        model(ids, labels=ids, use_cache=False).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def bench_overhead_layers(shape: dict) -> list[str]:
+    rows = []
+    for batch_size, top_k in itertools.product(shape["layer_batch_sizes"], (1, 2)):
+        torch.manual_seed(0)
+        x = torch.randn(batch_size, shape["seq_len"], shape["n_embd"], requires_grad=True)
+        config = gpt_moe_config(shape, num_experts_per_tok=top_k)
+        moe, dense = GPTMoESparseMoeBlock(config), GPTMoEMLP(config, top_k * config.moe_intermediate_size)
+        for layer in (moe, dense):
+            for param in layer.parameters():
+                torch.nn.init.normal_(param, std=0.02)
+        contenders = {i: with_experts_implementation(moe, i, fwd_bwd_fn(moe, x)) for i in EXPERTS_IMPLEMENTATIONS}
+        times = time_interleaved({**contenders, "dense": fwd_bwd_fn(dense, x)}, repeats=shape["repeats"], warmup=1)
+        for implementation in EXPERTS_IMPLEMENTATIONS:
+            name = (
+                f"layer fwd+bwd, B={batch_size}: top-{top_k} of {NUM_EXPERTS} (experts={implementation}) "
+                f"/ dense MLP {top_k * 4}H"
+            )
+            rows.append(ratio_row(name, times[implementation], times["dense"]))
+    return rows
+
+
+def bench_overhead_models(shape: dict) -> list[str]:
+    ids = torch.randint(0, shape["vocab_size"], (shape["batch_size"], shape["seq_len"]))
+    rows = []
+    for top_k in (1, 2):
+        torch.manual_seed(0)
+        moe = GPTMoEForCausalLM(gpt_moe_config(shape, num_experts_per_tok=top_k))
+        dense = GPTMoEForCausalLM(gpt_moe_config(shape, use_moe=False, n_inner=top_k * 4 * shape["n_embd"]))
+        step = train_step_fn(moe, ids)
+        contenders = {i: with_experts_implementation(moe, i, step) for i in EXPERTS_IMPLEMENTATIONS}
+        times = time_interleaved({**contenders, "dense": train_step_fn(dense, ids)}, repeats=shape["repeats"])
+        for implementation in EXPERTS_IMPLEMENTATIONS:
+            name = f"model train step: top-{top_k} of {NUM_EXPERTS} (experts={implementation}) / dense {top_k * 4}H"
+            rows.append(ratio_row(name, times[implementation], times["dense"]))
+    return rows
+
+
+def matched_blocks(shape: dict, top_k: int) -> tuple[GPTMoESparseMoeBlock, OlmoeSparseMoeBlock]:
+    """Our block and OLMoE's with the same router weights and the same active FLOPs per token."""
+    ours_config = gpt_moe_config(shape, num_experts_per_tok=top_k)
+    olmoe_config = OlmoeConfig(
+        hidden_size=shape["n_embd"],
+        intermediate_size=ours_config.moe_intermediate_size * 2 // 3,
+        num_experts=NUM_EXPERTS,
+        num_experts_per_tok=top_k,
+        norm_topk_prob=True,
+    )
+    torch.manual_seed(0)
+    ours, olmoe = GPTMoESparseMoeBlock(ours_config), OlmoeSparseMoeBlock(olmoe_config)
+    for block in (ours, olmoe):
+        for name, param in block.named_parameters():
+            if name.endswith("bias"):
+                torch.nn.init.zeros_(param)
+            else:
+                torch.nn.init.normal_(param, std=0.02)
+    with torch.no_grad():
+        olmoe.gate.weight.copy_(ours.router.weight)
+    return ours, olmoe
+
+
+def bench_vs_olmoe(shape: dict) -> list[str]:
+    x = torch.randn(shape["batch_size"], shape["seq_len"], shape["n_embd"], requires_grad=True)
+    rows = []
+    for top_k in (1, 2):
+        ours, olmoe = matched_blocks(shape, top_k)
+        contenders = {}
+        for implementation in EXPERTS_IMPLEMENTATIONS:
+            contenders[("ours", implementation)] = with_experts_implementation(
+                ours, implementation, fwd_bwd_fn(ours, x)
+            )
+            contenders[("olmoe", implementation)] = with_experts_implementation(
+                olmoe, implementation, fwd_bwd_fn(olmoe, x)
+            )
+        times = time_interleaved(contenders, repeats=shape["repeats"], warmup=1)
+        medians = {key: statistics.median(t) * 1e3 for key, t in times.items()}
+        best_ours = min(EXPERTS_IMPLEMENTATIONS, key=lambda i: medians[("ours", i)])
+        best_olmoe = min(EXPERTS_IMPLEMENTATIONS, key=lambda i: medians[("olmoe", i)])
+        all_ms = ", ".join(
+            f"{i} {medians[('ours', i)]:.0f} / {medians[('olmoe', i)]:.0f} ms" for i in EXPERTS_IMPLEMENTATIONS
+        )
+        print(f"top-{top_k} block fwd+bwd, ours / OLMoE: {all_ms}")
+        name = f"block fwd+bwd, top-{top_k} of {NUM_EXPERTS}: ours ({best_ours}) / OLMoE ({best_olmoe})"
+        rows.append(ratio_row(name, times[("ours", best_ours)], times[("olmoe", best_olmoe)]))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, few repetitions")
+    parser.add_argument("--only", nargs="+", choices=("layers", "models", "olmoe"), default=None)
+    args = parser.parse_args()
+    shape = QUICK if args.quick else FULL
+    only = args.only or ("layers", "models", "olmoe")
+    print(
+        f"{datetime.date.today()}, {platform.machine()} ({torch.backends.cpu.get_cpu_capability()}), "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}; shape {shape}"
+    )
+    rows = []
+    if "layers" in only:
+        rows += bench_overhead_layers(shape)
+    if "models" in only:
+        rows += bench_overhead_models(shape)
+    if "olmoe" in only:
+        rows += bench_vs_olmoe(shape)
+    print("| measurement | ms | reference ms | ratio (quartiles) |\n|---|---|---|---|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,293 @@
+"""Training throughput on one GPU: GPTMoE dense, MoE and fine-grained MoE against GPT2LMHeadModel, in one run.
+
+    python bench/gpu_throughput.py                        # H100: GPT-2 124M shape, T=1024, micro-batch 16
+    python bench/gpu_throughput.py --precision bf16       # bf16 weights (autocast: grouped_mm gets fp32 weights)
+    python bench/gpu_throughput.py --max_batch            # the largest micro-batch that fits, per model
+    python bench/gpu_throughput.py --quick --device cpu   # tiny shape: proves the script itself runs
+
+A training step is what train_accelerate.py runs: forward with loss, backward, fused AdamW, bf16 autocast over
+fp32 weights (--precision autocast) or bf16 weights throughout (--precision bf16). The variants run interleaved
+(A B C ..., reversed every other round, after two warm-up rounds that hold the compilation) with all models
+resident; each figure is a median over rounds.
+
+FLOPs per token follow nanoGPT's estimate_mfu: 6 * N + 12 * n_layer * n_embd * T, N the parameters a token
+passes through: every parameter but the position embedding (the token embedding counts once, as the output
+layer), routed experts weighted by top_k / num_experts. MFU is against 989 TFLOP/s (H100 SXM dense bf16) and
+against a bf16 matmul measured here. Peak memory is what one model alone would hold: its parameters and
+optimizer state plus the step's own peak above them.
+"""
+
+import argparse
+import datetime
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from timing import paired_ratio, time_interleaved
+from transformers import GPT2Config, GPT2LMHeadModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from configuration_gpt_moe import GPTMoEConfig  # noqa: E402
+from modeling_gpt_moe import GPTMoEForCausalLM  # noqa: E402
+
+H100_DENSE_BF16_FLOPS = 989e12
+GPT2_124M = dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50304, seq_len=1024, batch_size=16, eos=50256)
+TINY = dict(n_layer=1, n_head=2, n_embd=64, vocab_size=512, seq_len=64, batch_size=2, eos=0)
+PEER = "GPT2LMHeadModel"
+# name: GPTMoEConfig overrides; the fine-grained MoE splits each expert of the 8x top-2 one in four
+# (DeepSeekMoE): same total and active parameters, four times the experts and the top-k
+MODELS = {
+    "dense": lambda n_embd: dict(use_moe=False),
+    "MoE 8x top-2": lambda n_embd: dict(num_experts=8, num_experts_per_tok=2),
+    "MoE 32x top-8": lambda n_embd: dict(num_experts=32, num_experts_per_tok=8, moe_intermediate_size=n_embd),
+}
+
+
+@dataclass
+class Variant:
+    model: str
+    compiled: bool
+    experts: str | None = None  # experts implementation of a MoE model
+
+    @property
+    def name(self) -> str:
+        experts = f", experts {self.experts}" if self.experts else ""
+        return f"{self.model}{experts}{', compiled' if self.compiled else ''}"
+
+
+VARIANTS = [
+    Variant(PEER, compiled=False),
+    Variant(PEER, compiled=True),
+    Variant("dense", compiled=False),
+    Variant("dense", compiled=True),
+    Variant("MoE 8x top-2", compiled=False, experts="eager"),
+    Variant("MoE 8x top-2", compiled=False, experts="grouped_mm"),
+    Variant("MoE 8x top-2", compiled=True, experts="grouped_mm"),
+    Variant("MoE 32x top-8", compiled=False, experts="grouped_mm"),
+    Variant("MoE 32x top-8", compiled=True, experts="grouped_mm"),
+]
+
+
+def build_model(name: str, shape: dict, device: str, precision: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    dims = dict(n_layer=shape["n_layer"], n_head=shape["n_head"], n_embd=shape["n_embd"])
+    tokens = dict(vocab_size=shape["vocab_size"], bos_token_id=shape["eos"], eos_token_id=shape["eos"])
+    with torch.device(device):
+        if name == PEER:
+            config = GPT2Config(
+                n_positions=shape["seq_len"],
+                resid_pdrop=0.0,
+                embd_pdrop=0.0,
+                attn_pdrop=0.0,
+                attn_implementation="sdpa",
+                **dims,
+                **tokens,
+            )
+            model = GPT2LMHeadModel(config)
+        else:
+            overrides = MODELS[name](shape["n_embd"])
+            config = GPTMoEConfig(block_size=shape["seq_len"], **dims, **tokens, **overrides)
+            model = GPTMoEForCausalLM(config)
+    return model.to(torch.bfloat16) if precision == "bf16" else model
+
+
+def active_params(model: torch.nn.Module) -> float:
+    config = model.config
+    routed_share = getattr(config, "num_experts_per_tok", 1) / getattr(config, "num_experts", 1)
+    total = 0.0
+    for name, param in model.named_parameters():  # a tied weight is listed once
+        if "wpe" in name:
+            continue
+        total += param.numel() * (routed_share if ".experts." in name else 1.0)
+    return total
+
+
+def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
+    config = model.config
+    return 6 * active_params(model) + 12 * config.n_layer * config.n_embd * seq_len
+
+
+class Trainer:
+    """One model, its optimizer and one compiled or eager forward per variant, for timed training steps."""
+
+    def __init__(self, model: torch.nn.Module, args: argparse.Namespace):
+        self.model, self.args = model, args
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+        self.compiled = torch.compile(model)
+
+    def step(self, variant: Variant, ids: torch.Tensor) -> None:
+        if variant.experts:
+            self.model.config._experts_implementation = variant.experts
+        forward = self.compiled if variant.compiled else self.model
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=self.args.precision == "autocast"):
+            loss = forward(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def steps(self, variant: Variant, ids: torch.Tensor) -> int | None:
+        """`args.steps` training steps; returns the peak bytes of this model alone (None off CUDA)."""
+        if not ids.is_cuda:
+            for _ in range(self.args.steps):
+                self.step(variant, ids)
+            return None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before, resident = torch.cuda.memory_allocated(), self.resident_bytes()  # before: all models on the device
+        for _ in range(self.args.steps):
+            self.step(variant, ids)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before + resident
+
+    def resident_bytes(self) -> int:
+        """Parameters and optimizer state: what the model holds between steps."""
+        tensors = list(self.model.parameters())
+        tensors += [t for state in self.optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def matmul_flops(device: str, size: int) -> float:
+    """Measured bf16 matmul rate on random (not zero) inputs: the practical ceiling."""
+    a, b = (torch.randn(size, size, device=device, dtype=torch.bfloat16) for _ in range(2))
+    times = time_interleaved({"mm": lambda: a @ b}, repeats=20, warmup=3, synchronize=lambda: synchronize(device))
+    return 2 * size**3 / statistics.median(times["mm"])
+
+
+def benchmark(variants: list[Variant], trainers: dict, ids: torch.Tensor, args: argparse.Namespace) -> dict:
+    """Seconds per `args.steps` steps and peak bytes of every variant, interleaved; a variant that fails
+    reports its error instead of ending the run."""
+    peaks, errors = {}, {}
+
+    def contender(variant: Variant):
+        trainer = trainers[variant.model]
+
+        def run() -> None:
+            if variant.name in errors:
+                return
+            try:
+                peak = trainer.steps(variant, ids)
+            except (RuntimeError, torch.OutOfMemoryError) as error:
+                errors[variant.name] = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+                trainer.optimizer.zero_grad(set_to_none=True)
+                return
+            if peak is not None:
+                peaks[variant.name] = max(peaks.get(variant.name, 0), peak)
+
+        return run
+
+    contenders = {variant.name: contender(variant) for variant in variants}
+    # two warm-up rounds, one in each order: compiled models share code with each other, and a variant
+    # can recompile the first time it runs after another one
+    times = time_interleaved(contenders, args.repeats, warmup=2, synchronize=lambda: synchronize(args.device))
+    return {"times": times, "peaks": peaks, "errors": errors}
+
+
+def table_header(args: argparse.Namespace) -> list[str]:
+    return [
+        f"| model | B | tokens/s | MFU (989 TF/s) | MFU (matmul {args.matmul_rate / 1e12:.3g} TF/s) | peak GiB "
+        f"| speed vs {Variant(PEER, compiled=True).name} |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+
+def table_rows(variants: list[Variant], trainers: dict, results: dict, shape: dict, args) -> list[str]:
+    tokens = shape["batch_size"] * shape["seq_len"]
+    peer = Variant(PEER, compiled=True).name
+    rows = []
+    for variant in variants:
+        if variant.name in results["errors"]:
+            rows.append(f"| {variant.name} | {shape['batch_size']} | failed: {results['errors'][variant.name]} |")
+            continue
+        times = [t / args.steps for t in results["times"][variant.name]]
+        step_s = statistics.median(times)
+        achieved = flops_per_token(trainers[variant.model].model, shape["seq_len"]) * tokens / step_s
+        peak = results["peaks"].get(variant.name)
+        peak_text = f"{peak / 2**30:.1f}" if peak else "n/a"
+        versus = ""
+        if peer in results["times"] and peer not in results["errors"]:
+            speedup, low, high = paired_ratio(results["times"][peer], results["times"][variant.name])
+            versus = f"{speedup:.2f}x ({low:.2f}-{high:.2f})"
+        rows.append(
+            f"| {variant.name} | {shape['batch_size']} | {tokens / step_s:,.0f} "
+            f"| {achieved / H100_DENSE_BF16_FLOPS:.1%} | {achieved / args.matmul_rate:.1%} | {peak_text} | {versus} |"
+        )
+    return rows
+
+
+def fits(trainer: Trainer, variant: Variant, ids: torch.Tensor) -> bool:
+    try:
+        trainer.step(variant, ids)
+        return True
+    except torch.OutOfMemoryError:
+        trainer.optimizer.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+        return False
+
+
+def max_batch(args: argparse.Namespace, shape: dict) -> list[str]:
+    """For each model alone on the device: the largest micro-batch an eager step fits (a compiled step needs no
+    more memory), then its compiled variant timed at that batch."""
+    candidates = (2, 4) if args.quick else (16, 24, 32, 48, 64, 96, 128)
+    rows = []
+    for name in (PEER, *MODELS):
+        trainer = Trainer(build_model(name, shape, args.device, args.precision), args)
+        experts = "grouped_mm" if name.startswith("MoE") else None
+        largest = None
+        for batch_size in candidates:
+            ids = torch.randint(0, shape["vocab_size"], (batch_size, shape["seq_len"]), device=args.device)
+            if not fits(trainer, Variant(name, compiled=False, experts=experts), ids):
+                break
+            largest = batch_size
+        if largest is None:
+            rows.append(f"| {name} | < {candidates[0]} | does not fit |")
+        else:
+            ids = torch.randint(0, shape["vocab_size"], (largest, shape["seq_len"]), device=args.device)
+            variant = Variant(name, compiled=True, experts=experts)
+            results = benchmark([variant], {name: trainer}, ids, args)
+            rows += table_rows([variant], {name: trainer}, results, {**shape, "batch_size": largest}, args)
+        del trainer
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--quick", action="store_true", help="tiny shape, few steps")
+    parser.add_argument("--precision", choices=("autocast", "bf16"), default="autocast")
+    parser.add_argument("--max_batch", action="store_true", help="find the largest micro-batch per model instead")
+    parser.add_argument("--only", nargs="+", default=None, help="variants whose name contains one of these")
+    args = parser.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("error: no CUDA device here; run with --device cpu --quick to check the script itself.")
+    shape = TINY if args.quick else GPT2_124M
+    args.steps, args.repeats = (1, 2) if args.quick else (5, 5)
+    torch.set_float32_matmul_precision("high")  # as train_accelerate.py: TF32 for fp32 matmuls outside autocast
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    args.matmul_rate = matmul_flops(args.device, 256 if args.quick else 8192)
+    print(
+        f"{datetime.date.today()}, {device_name}, torch {torch.__version__}, precision {args.precision}; "
+        f"shape {shape}; measured bf16 matmul {args.matmul_rate / 1e12:.3g} TFLOP/s"
+    )
+    if args.max_batch:
+        print("\n".join(table_header(args) + max_batch(args, shape)))
+        return
+    variants = [v for v in VARIANTS if not args.only or any(word in v.name for word in args.only)]
+    models = dict.fromkeys(variant.model for variant in variants)
+    trainers = {name: Trainer(build_model(name, shape, args.device, args.precision), args) for name in models}
+    ids = torch.randint(0, shape["vocab_size"], (shape["batch_size"], shape["seq_len"]), device=args.device)
+    results = benchmark(variants, trainers, ids, args)
+    print("\n".join(table_header(args) + table_rows(variants, trainers, results, shape, args)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""Interleaved timing shared by the model benchmarks: contenders run in turn (A B, B A, A B, ...), so a slow
+phase of a shared machine hits all of them, and each figure is a ratio of runs made side by side."""
+
+import statistics
+import time
+from collections.abc import Callable
+
+
+def time_interleaved(
+    contenders: dict[str, Callable[[], object]],
+    repeats: int,
+    warmup: int = 1,
+    synchronize: Callable[[], None] = lambda: None,
+) -> dict[str, list[float]]:
+    """Seconds per call of each contender over `repeats` rounds, after `warmup` untimed rounds.
+
+    Odd rounds reverse the order, so no contender always runs right after the same other one.
+    """
+    times = {name: [] for name in contenders}
+    for round_index in range(warmup + repeats):
+        names = list(contenders) if round_index % 2 == 0 else list(reversed(contenders))
+        for name in names:
+            synchronize()
+            start = time.perf_counter()
+            contenders[name]()
+            synchronize()
+            if round_index >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def paired_ratio(times: list[float], reference_times: list[float]) -> tuple[float, float, float]:
+    """Median and quartiles of the per-round ratios time / reference time (runs of one round are adjacent)."""
+    ratios = sorted(t / r for t, r in zip(times, reference_times, strict=True))
+    if len(ratios) < 2:
+        return ratios[0], ratios[0], ratios[0]
+    low, median, high = statistics.quantiles(ratios, n=4, method="inclusive")
+    return median, low, high
+
+
+def ratio_row(name: str, times: list[float], reference_times: list[float]) -> str:
+    """A markdown table row: median ms of both, and the paired ratio with its interquartile range."""
+    median, low, high = paired_ratio(times, reference_times)
+    ms, reference_ms = statistics.median(times) * 1e3, statistics.median(reference_times) * 1e3
+    return f"| {name} | {ms:.1f} | {reference_ms:.1f} | **{median:.2f}x** ({low:.2f}-{high:.2f}) |"
