@@ -96,8 +96,8 @@ class GPTMoEConfig(PretrainedConfig):
         """Raise a ValueError naming the offending field and the fix."""
         if self.n_embd % self.n_head != 0:
             raise ValueError(
-                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): "
-                f"choose n_head among the divisors of n_embd, e.g. {self.n_embd // 64 or 1} heads of 64."
+                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): choose an n_head that "
+                "divides n_embd (GPT-2 uses heads of 64: n_head = n_embd / 64)."
             )
         if self.activation_function not in ACT2FN:
             raise ValueError(
