@@ -16,6 +16,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+
+from timing import time_interleaved  # noqa: E402  (bench/timing.py)
+
 from configuration_gpt_moe import GPTMoEConfig  # noqa: E402
 from modeling_gpt_moe import GPTMoEForCausalLM  # noqa: E402
 
@@ -29,17 +32,17 @@ def build_model(args: argparse.Namespace) -> GPTMoEForCausalLM:
     return GPTMoEForCausalLM(config).to(args.device, torch.bfloat16)
 
 
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+def synchronize_for(ids: torch.Tensor):
+    return torch.cuda.synchronize if ids.is_cuda else lambda: None
 
 
-def train_step_seconds(model: GPTMoEForCausalLM, ids: torch.Tensor) -> float:
-    synchronize(str(ids.device))
-    start = time.perf_counter()
-    model(ids, labels=ids).loss.backward()
-    synchronize(str(ids.device))
-    return time.perf_counter() - start
+def train_step(model: GPTMoEForCausalLM, ids: torch.Tensor, implementation: str):
+    def step() -> None:
+        model.set_experts_implementation(implementation)
+        model(ids, labels=ids).loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    return step
 
 
 def compare_experts_implementations(model: GPTMoEForCausalLM, ids: torch.Tensor, reps: int) -> list[str]:
@@ -48,17 +51,13 @@ def compare_experts_implementations(model: GPTMoEForCausalLM, ids: torch.Tensor,
         model.set_experts_implementation(implementation)
         with torch.no_grad():
             logits[implementation] = model(ids).logits.float()
-    times = {name: [] for name in EXPERTS_IMPLEMENTATIONS}
-    for _ in range(reps + 1):  # the first round warms up
-        for implementation in EXPERTS_IMPLEMENTATIONS:
-            model.set_experts_implementation(implementation)
-            times[implementation].append(train_step_seconds(model, ids))
-            model.zero_grad(set_to_none=True)
-    eager_ms = statistics.median(times["eager"][1:]) * 1e3
+    steps = {name: train_step(model, ids, name) for name in EXPERTS_IMPLEMENTATIONS}
+    times = time_interleaved(steps, reps, synchronize=synchronize_for(ids))
+    eager_ms = statistics.median(times["eager"]) * 1e3
     rows = []
     for implementation in EXPERTS_IMPLEMENTATIONS:
         diff = (logits[implementation] - logits["eager"]).abs().max().item()
-        ms = statistics.median(times[implementation][1:]) * 1e3
+        ms = statistics.median(times[implementation]) * 1e3
         rows.append(
             f"experts={implementation:<11} max|logits-eager| {diff:.2e}  fwd+bwd {ms:8.1f} ms  x{ms / eager_ms:.2f}"
         )
@@ -85,15 +84,9 @@ def compiled_forward_check(model: GPTMoEForCausalLM, ids: torch.Tensor, reps: in
         start = time.perf_counter()
         logits = compiled(ids).logits.float()
         compile_s = time.perf_counter() - start
-        eager_times, compiled_times = [], []
-        for _ in range(reps):
-            for fn, times in ((model, eager_times), (compiled, compiled_times)):
-                synchronize(str(ids.device))
-                start = time.perf_counter()
-                fn(ids)
-                synchronize(str(ids.device))
-                times.append(time.perf_counter() - start)
-    speedup = statistics.median(eager_times) / statistics.median(compiled_times)
+        contenders = {"eager": lambda: model(ids), "compiled": lambda: compiled(ids)}
+        times = time_interleaved(contenders, reps, synchronize=synchronize_for(ids))
+    speedup = statistics.median(times["eager"]) / statistics.median(times["compiled"])
     # bf16 near-ties can flip a token's expert choice, so report the typical (median) difference too
     diff = (logits - reference).abs()
     scale = reference.abs().max().item()
