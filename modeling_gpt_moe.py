@@ -198,10 +198,22 @@ class GPTMoESparseMoeBlock(nn.Module):
         batch_size, seq_len, hidden_dim = hidden_states.shape
         flat = hidden_states.view(-1, hidden_dim)  # (N, H)
         router_logits, top_k_weights, top_k_index = self.router(flat)
-        output = self.experts(flat, top_k_index, top_k_weights)
+        output = self._run_experts(flat, top_k_index, top_k_weights)
         if self.shared_experts is not None:
             output = output + self.shared_experts(flat)
         return self.dropout(output.view(batch_size, seq_len, hidden_dim)), router_logits
+
+    def _run_experts(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        device_type = hidden_states.device.type
+        compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        if compute_dtype is None or self.experts.up_proj.dtype == compute_dtype:
+            return self.experts(hidden_states, top_k_index, top_k_weights)
+        # Autocast does not cover transformers' grouped GEMMs: they would run in the float32 weights' dtype
+        # (on CUDA a slow per-expert fallback). Cast the weights as autocast casts nn.Linear's.
+        weights = {name: param.to(compute_dtype) for name, param in self.experts.named_parameters()}
+        return torch.func.functional_call(self.experts, weights, (hidden_states, top_k_index, top_k_weights))
 
 
 class GPTMoEBlock(GradientCheckpointingLayer):

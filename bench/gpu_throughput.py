@@ -1,7 +1,7 @@
 """Training throughput on one GPU: GPTMoE dense, MoE and fine-grained MoE against GPT2LMHeadModel, in one run.
 
     python bench/gpu_throughput.py                        # H100: GPT-2 124M shape, T=1024, micro-batch 16
-    python bench/gpu_throughput.py --precision bf16       # bf16 weights (autocast: grouped_mm gets fp32 weights)
+    python bench/gpu_throughput.py --precision bf16       # bf16 weights throughout, no fp32 master copy
     python bench/gpu_throughput.py --max_batch            # the largest micro-batch that fits, per model
     python bench/gpu_throughput.py --quick --device cpu   # tiny shape: proves the script itself runs
 

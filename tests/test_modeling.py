@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_config, tiny_model
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.models.olmoe.modeling_olmoe import load_balancing_loss_func
 
 from configuration_gpt_moe import GPTMoEConfig
@@ -127,6 +128,38 @@ def test_experts_implementations_agree_on_outputs_and_gradients():
         assert grads.keys() == ref_grads.keys()
         for name in grads:
             torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+class GroupedGemmDtypes(TorchDispatchMode):
+    """Records the dtypes of the tensors every grouped GEMM receives."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "grouped_mm" in str(func):
+            self.dtypes.update(arg.dtype for arg in args if isinstance(arg, torch.Tensor) and arg.is_floating_point())
+        return func(*args, **(kwargs or {}))
+
+
+def test_grouped_gemms_run_in_the_autocast_dtype():
+    # transformers' grouped_mm is not an autocast op: fp32 weights would make it run in fp32
+    # (on CUDA, a per-expert fallback loop). The block casts the weights as autocast would.
+    ids = random_ids(2, 16)
+    results = {}
+    for implementation in ("eager", "grouped_mm"):
+        model = tiny_model(seed=9).train()
+        model.set_experts_implementation(implementation)
+        with GroupedGemmDtypes() as recorded, torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(ids, labels=ids)
+        out.loss.backward()
+        experts = model.transformer.h[0].mlp.experts
+        assert experts.up_proj.dtype == experts.up_proj.grad.dtype == torch.float32
+        results[implementation] = (out.logits.float(), experts.up_proj.grad, recorded.dtypes)
+    assert results["grouped_mm"][2] == {torch.bfloat16} and results["eager"][2] == set()
+    torch.testing.assert_close(results["grouped_mm"][0], results["eager"][0], atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(results["grouped_mm"][1], results["eager"][1], atol=1e-2, rtol=1e-2)
 
 
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
