@@ -10,14 +10,21 @@ rest to train_000000.bin, ... (see fineweb_shards.py for the format). manifest.j
 the shards records the source, the tokenizer and every shard; a shard is written to a
 temporary name and renamed when complete, so re-running the same command after a crash or
 Ctrl-C keeps the complete shards and carries on from the first missing one.
+
+--num_proc worker processes tokenise; the main process puts their results in order and writes
+the shards. Local parquet files are read by the workers themselves, each given row ranges
+planned from the files' footers; other sources are read by the main process, which hands the
+text on.
 """
 
 import argparse
 import ast
 import contextlib
+import functools
 import glob
 import itertools
 import json
+import math
 import multiprocessing
 import os
 import platform
@@ -27,12 +34,13 @@ import sysconfig
 import time
 import warnings
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from multiprocessing.pool import Pool
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 from datasets import IterableDataset, load_dataset
 from datasets.exceptions import DatasetNotFoundError
 from tqdm import tqdm
@@ -43,7 +51,8 @@ from gpt2_tokenizer import EOT_ID, VOCAB_SHA256, VOCAB_SIZE, get_encoding
 MANIFEST = "manifest.json"
 DATA_FILE_FORMATS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".txt": "text", ".arrow": "arrow"}
 TASK_CHARS = 250_000  # text per worker task: ~60k tokens, ~20 ms of tokenising, so IPC costs little
-READ_ROWS = 256  # rows converted from Arrow at a time
+PARQUET_TASK_BYTES = 1_000_000  # parquet text per worker task, ~250k tokens: larger, see parquet_tasks
+READ_ROWS = 256  # rows decoded or converted from Arrow at a time
 TASKS_IN_FLIGHT = 4  # per worker; bounds memory however fast the source reads
 SKIPPED_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests"}  # tests are code, not prose
 
@@ -128,18 +137,31 @@ def resolve_data_files(patterns: list[str]) -> list[str]:
     return files
 
 
-def open_documents(source: dict, skip: int = 0) -> Iterator[str]:
-    """The documents of `source` after the first `skip`; fails here, before anything is written, if there are none."""
-    if source["kind"] == "python_docs":
-        docs = itertools.islice(python_docstrings(), skip, None)
-    elif source["kind"] == "files":
-        docs = file_documents(source["data_files"], source["text_column"], skip)
+def tokenizing_tasks(source: dict, skip: int) -> tuple[Callable, Iterator]:
+    """(function, its tasks) that tokenise the documents of `source` after the first `skip`, in order; fails here,
+    before anything is written, if there are none."""
+    if is_local_parquet(source):
+        # the workers read the rows themselves: the main process neither decodes nor converts the text
+        work, tasks = tokenize_rows, parquet_tasks(source["data_files"], source["text_column"], skip)
     else:
-        docs = hub_documents(source["dataset"], source["config"], source["split"], source["text_column"], skip)
-    first = next(docs, None)
+        work, tasks = tokenize, batched(open_documents(source, skip), TASK_CHARS)
+    first = next(tasks, None)
     if first is None and not skip:
         raise UsageError(f"the input has no documents ({describe(source)})")
-    return itertools.chain([] if first is None else [first], docs)
+    return work, itertools.chain([] if first is None else [first], tasks)
+
+
+def is_local_parquet(source: dict) -> bool:
+    return source["kind"] == "files" and DATA_FILE_FORMATS[Path(source["data_files"][0]).suffix.lower()] == "parquet"
+
+
+def open_documents(source: dict, skip: int) -> Iterator[str]:
+    """The text of the documents of `source` after the first `skip`."""
+    if source["kind"] == "python_docs":
+        return itertools.islice(python_docstrings(), skip, None)
+    if source["kind"] == "files":
+        return file_documents(source["data_files"], source["text_column"], skip)
+    return hub_documents(source["dataset"], source["config"], source["split"], source["text_column"], skip)
 
 
 def describe(source: dict) -> str:
@@ -178,19 +200,81 @@ def hub_documents(dataset: str, config: str, split: str, text_column: str, skip:
 def dataset_texts(dataset: IterableDataset, text_column: str, skip: int, name: str) -> Iterator[str]:
     """The text column, read as Arrow tables; the `skip` documents already in shards are counted, never decoded."""
     for table in dataset.with_format("arrow").iter(batch_size=READ_ROWS):
-        if text_column not in table.column_names:
-            columns = ", ".join(table.column_names)
-            raise UsageError(f"{name} has no column {text_column!r}; its columns: {columns} (pick one: --text_column)")
+        check_text_column(table.schema, text_column, name)
         column = table[text_column]
-        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
-            raise UsageError(f"{name}: column {text_column!r} holds {column.type}, not text (pick one: --text_column)")
-        if column.null_count:
-            raise UsageError(f"{name}: column {text_column!r} has missing (null) values; drop or fill those rows")
+        check_no_nulls(column, text_column, name)
         if skip >= len(column):
             skip -= len(column)
             continue
         yield from column.slice(skip).to_pylist()
         skip = 0
+
+
+def check_text_column(schema: pa.Schema, text_column: str, name: str) -> None:
+    if text_column not in schema.names:
+        columns = ", ".join(schema.names)
+        raise UsageError(f"{name} has no column {text_column!r}; its columns: {columns} (pick one: --text_column)")
+    column_type = schema.field(text_column).type
+    if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
+        raise UsageError(f"{name}: column {text_column!r} holds {column_type}, not text (pick one: --text_column)")
+
+
+def check_no_nulls(column: pa.Array | pa.ChunkedArray, text_column: str, name: str) -> None:
+    if column.null_count:
+        raise UsageError(f"{name}: column {text_column!r} has missing (null) values; drop or fill those rows")
+
+
+def parquet_tasks(files: list[str], text_column: str, skip: int) -> Iterator[list[tuple[str, str, int, int, int]]]:
+    """Row ranges (file, column, row group, first row, end row) in lists of about PARQUET_TASK_BYTES of text, from
+    document `skip` on, planned from the files' footers alone: tokenize_rows() reads them in the worker.
+
+    Small row groups share a task; a large one is split. A row group decodes only from its start, so each worker
+    that gets slices of one decodes it up to its last slice (once: see RowGroupReader), which costs about 2% of the
+    CPU time of tokenising it; that is why these tasks are larger than TASK_CHARS.
+    """
+    task, budget = [], PARQUET_TASK_BYTES
+    for path, group, rows, size in parquet_row_groups(files, text_column):
+        if skip >= rows:
+            skip -= rows
+            continue
+        row, skip = skip, 0
+        row_bytes = size / rows  # an estimate: the sizes of single rows are not in the footer
+        while row < rows:
+            take = min(rows - row, math.ceil(budget / row_bytes))
+            task.append((path, text_column, group, row, row + take))
+            row += take
+            budget -= take * row_bytes
+            if budget <= 0:
+                yield task
+                task, budget = [], PARQUET_TASK_BYTES
+    if task:
+        yield task
+
+
+def parquet_row_groups(files: list[str], text_column: str) -> Iterator[tuple[str, int, int, int]]:
+    """(file, row group, rows, bytes of the text column before compression) of each row group that has rows."""
+    for path in files:
+        with open_parquet(path) as parquet:
+            check_text_column(parquet.schema_arrow, text_column, path)
+            # the footer describes leaf columns: a struct column has one per field
+            leaves = [parquet.schema.column(i).path for i in range(len(parquet.schema))]
+            column = leaves.index(text_column)
+            for group in range(parquet.metadata.num_row_groups):
+                metadata = parquet.metadata.row_group(group)
+                if metadata.num_rows:
+                    size = max(metadata.column(column).total_uncompressed_size, 1)
+                    yield path, group, metadata.num_rows, size
+
+
+def open_parquet(path: str, **options) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(path, **options)
+    except (pa.ArrowException, OSError) as e:
+        raise UsageError(f"{path} is not a readable parquet file ({one_line(e)})") from e
+
+
+def one_line(error: Exception) -> str:
+    return " ".join(str(error).split())  # some of pyarrow's messages span several lines
 
 
 def python_roots() -> list[str]:
@@ -247,8 +331,70 @@ def definitions(body: list[ast.stmt]) -> Iterator[ast.AST]:
 def tokenize(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """<|endoftext|> + tokens of each text, concatenated (uint16), and each document's token count."""
     encoding = get_encoding()
-    docs = [np.fromiter([EOT_ID, *encoding.encode_ordinary(text)], dtype=np.uint16) for text in texts]
-    return np.concatenate(docs), np.array([len(d) for d in docs], dtype=np.int64)
+    # encode() with no special tokens allowed or disallowed is encode_ordinary() (tiktoken documents the equivalence),
+    # and its numpy variant does not build a Python int per token
+    docs = [encoding.encode_to_numpy(text, disallowed_special=()) for text in texts]
+    eot = np.array([EOT_ID], dtype=np.uint32)
+    tokens = np.concatenate([part for doc in docs for part in (eot, doc)]).astype(np.uint16)
+    return tokens, np.array([len(doc) + 1 for doc in docs], dtype=np.int64)
+
+
+def tokenize_rows(row_ranges: list[tuple[str, str, int, int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """tokenize() of the documents in parquet row ranges (see parquet_tasks), read in this process."""
+    texts = []
+    for path, text_column, group, start, stop in row_ranges:
+        texts += row_group_reader(path, text_column, group).read(start, stop)
+    return tokenize(texts)
+
+
+@functools.lru_cache(maxsize=1)
+def row_group_reader(path: str, text_column: str, group: int) -> "RowGroupReader":
+    """The reader of the row group this process read last, kept because the next task often goes on with it."""
+    return RowGroupReader(path, text_column, group)
+
+
+class RowGroupReader:
+    """The text of one parquet row group, decoded READ_ROWS rows at a time. pyarrow decodes a row group only from its
+    start, so each read() carries on from where the last one ended: the slices of a row group that one worker gets
+    come in order. Decoding in small batches keeps memory small and reused, however large the row group."""
+
+    def __init__(self, path: str, text_column: str, group: int):
+        self.path, self.text_column, self.group = path, text_column, group
+        self.rewind()
+
+    def rewind(self) -> None:
+        # read the file in 1 MB pieces rather than a row group's whole column at once: memory stays small
+        parquet = open_parquet(self.path, buffer_size=1 << 20, pre_buffer=False)
+        # one thread: every process of the pool keeps a core busy already
+        columns, row_groups = [self.text_column], [self.group]
+        self.batches = parquet.iter_batches(READ_ROWS, row_groups=row_groups, columns=columns, use_threads=False)
+        self.batch, self.first = pa.array([], pa.string()), 0  # self.batch holds rows first, first + 1, ...
+
+    def read(self, start: int, stop: int) -> list[str]:
+        """The text of rows start to stop - 1; fastest when each call starts where the last one stopped."""
+        if start < self.first:
+            self.rewind()
+        texts = []
+        while start < stop:
+            end = self.first + len(self.batch)
+            if start >= end:
+                self.first, self.batch = end, self.next_batch()
+                continue
+            take = min(stop, end) - start
+            texts += self.batch.slice(start - self.first, take).to_pylist()
+            start += take
+        return texts
+
+    def next_batch(self) -> pa.Array:
+        try:
+            batch = next(self.batches, None)
+        except (pa.ArrowException, OSError) as e:
+            raise UsageError(f"{self.path}: cannot read row group {self.group} ({one_line(e)})") from e
+        if batch is None:
+            raise UsageError(f"{self.path}: row group {self.group} is shorter than its footer says (changed since?)")
+        column = batch.column(0)
+        check_no_nulls(column, self.text_column, self.path)
+        return column
 
 
 def batched(texts: Iterable[str], max_chars: int) -> Iterator[list[str]]:
@@ -265,15 +411,15 @@ def batched(texts: Iterable[str], max_chars: int) -> Iterator[list[str]]:
 
 
 def tokenized(
-    text_batches: Iterable[list[str]], pool: Pool | None, num_proc: int
+    work: Callable, tasks: Iterable, pool: Pool | None, num_proc: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """tokenize() of each batch, in input order, computed by the pool (None: in this process)."""
+    """work(task) of each task, in input order, computed by the pool (None: in this process)."""
     if pool is None:
-        yield from map(tokenize, text_batches)
+        yield from map(work, tasks)
         return
     pending = deque()
-    for texts in text_batches:
-        pending.append(pool.apply_async(tokenize, (texts,)))
+    for task in tasks:
+        pending.append(pool.apply_async(work, (task,)))
         # hand results on as soon as they are ready, and wait once enough work is queued
         while pending and (pending[0].ready() or len(pending) >= TASKS_IN_FLIGHT * num_proc):
             yield pending.popleft().get()
@@ -403,13 +549,12 @@ def stream_position(manifest: dict) -> tuple[int, int]:
     return last["end_document"], last["end_offset"]
 
 
-def write_shards(docs: Iterator[str], manifest: dict, output_dir: Path, pool: Pool | None, num_proc: int) -> int:
-    """Tokenise `docs`, the documents from stream_position(manifest) on, into the shards that follow the ones
-    `manifest` already has; returns the number of tokens written."""
+def write_shards(batches: Iterator[tuple[np.ndarray, np.ndarray]], manifest: dict, output_dir: Path) -> int:
+    """Write `batches`, (tokens, token count per document) of the documents from stream_position(manifest) on, into
+    the shards that follow the ones `manifest` already has; returns the number of tokens written."""
     settings = manifest["settings"]
     position = start = sum(s["tokens"] for s in manifest["shards"])
     document, skip = stream_position(manifest)
-    batches = tokenized(batched(docs, TASK_CHARS), pool, num_proc)
     name, size = next_shard(position, settings)
     buffer, filled = np.empty(size, dtype=np.uint16), 0
     progress = tqdm(total=settings["max_tokens"], initial=position, unit="tok", unit_scale=True, desc="tokenising")
@@ -465,10 +610,13 @@ def prepare(args: argparse.Namespace) -> dict:
         check_has_training_tokens(manifest)
         return manifest
     kept = len(manifest["shards"])
-    with worker_pool(args.num_proc) as pool:
-        docs = open_documents(source, skip=stream_position(manifest)[0])
-        clear_for_writing(output_dir, manifest, args.overwrite)
-        written = write_shards(docs, manifest, output_dir, pool, args.num_proc)
+    try:
+        with worker_pool(args.num_proc) as pool:
+            work, tasks = tokenizing_tasks(source, skip=stream_position(manifest)[0])
+            clear_for_writing(output_dir, manifest, args.overwrite)
+            written = write_shards(tokenized(work, tasks, pool, args.num_proc), manifest, output_dir)
+    finally:
+        row_group_reader.cache_clear()  # --num_proc 1 reads here: the next run may read new files
     manifest["complete"] = True
     write_manifest(output_dir, manifest)
     seconds = time.perf_counter() - started

@@ -5,9 +5,11 @@
 
 1. Tokenising: prepare_fineweb.py end to end (parquet in, shards out, --num_proc 2) against
    a bare single-process tiktoken `encode_ordinary` loop over the same documents already in
-   memory. A third column encodes the two halves of the text in two processes with nothing
-   else around them: the parallel speed-up the machine gives at that moment, the ceiling for
-   the pipeline. The text is the offline python_docs corpus.
+   memory. Another row times the same loop with `encode_to_numpy`, the call the pipeline
+   makes (same tokens, no Python int per token). The last encodes the two halves of the text
+   in two processes with nothing else around them: the parallel speed-up the machine gives at
+   that moment, the ceiling for the pipeline. The text is the offline python_docs corpus, in
+   one parquet file written with pyarrow's defaults (a single row group).
 2. Loading: ShardLoader batches/s (B=16, T=1024) against what a training step consumes.
 The variants run interleaved (A B C A B C ...) and the medians are reported, because the
 machine is shared and has slow phases lasting seconds.
@@ -60,6 +62,11 @@ def bare_loop(texts: list[str]) -> int:
     return sum(len(encoding.encode_ordinary(text)) + 1 for text in texts)  # + 1: the <|endoftext|>
 
 
+def bare_numpy_loop(texts: list[str]) -> int:
+    encoding = get_encoding()
+    return sum(len(encoding.encode_to_numpy(text, disallowed_special=())) + 1 for text in texts)
+
+
 def two_halves(texts: list[str]) -> int:
     half = len(texts) // 2
     with multiprocessing.get_context("fork").Pool(2) as pool:
@@ -94,6 +101,7 @@ def bench_tokenising(workdir: Path, chars: int, reps: int) -> None:
     bare = "bare tiktoken loop, 1 process"
     variants = {
         bare: lambda: bare_loop(texts),
+        "bare loop with encode_to_numpy, 1 process": lambda: bare_numpy_loop(texts),
         "prepare_fineweb.py, --num_proc 2": lambda: pipeline(parquet, workdir),
         "bare loop on two halves, 2 processes (ceiling)": lambda: two_halves(texts),
     }

@@ -6,6 +6,7 @@ import os
 import random
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,32 @@ def token_stream(docs: list[str]) -> np.ndarray:
 def write_jsonl(path: Path, docs: list[str], column: str = "text") -> Path:
     path.write_text("".join(json.dumps({column: d, "id": i}) + "\n" for i, d in enumerate(docs)))
     return path
+
+
+def write_parquet_files(directory: Path, docs: list[str], layout: list[list[int]]) -> list[Path]:
+    """`docs`, in order, in parquet files: file i has row groups of layout[i] rows."""
+    schema = pa.schema([("text", pa.string())])
+    files, start = [], 0
+    for i, group_sizes in enumerate(layout):
+        files.append(directory / f"part_{i}.parquet")
+        with pq.ParquetWriter(files[-1], schema) as writer:
+            for rows in group_sizes:
+                writer.write_table(pa.table({"text": docs[start : start + rows]}, schema=schema))
+                start += rows
+    assert start == len(docs)
+    return files
+
+
+# small and large row groups, an empty one and a file with none; 200 rows, as make_documents()
+PARQUET_LAYOUT = [[3, 50, 1], [], [0, 120, 7, 19]]
+GROUP_BOUNDARIES = {0, 3, 53, 54, 174, 181, 200}  # first rows of the row groups above, and the end
+
+
+@pytest.fixture
+def parquet_files(tmp_path, docs, monkeypatch) -> list[Path]:
+    monkeypatch.setattr(prepare_fineweb, "PARQUET_TASK_BYTES", 2000)  # several tasks per large row group
+    monkeypatch.setattr(prepare_fineweb, "READ_ROWS", 7)  # tasks start and end inside the decoded batches
+    return write_parquet_files(tmp_path, docs, PARQUET_LAYOUT)
 
 
 def prepare(data_files: list[Path], output_dir: Path, *options: str) -> dict:
@@ -114,6 +141,67 @@ def test_file_formats_give_the_same_tokens(tmp_path, docs, suffix):
     prepare(files, tmp_path / "out")
     stream = np.concatenate([read_split(tmp_path / "out", "val"), read_split(tmp_path / "out", "train")])
     np.testing.assert_array_equal(stream, token_stream(docs))
+
+
+def test_parquet_tasks_cover_every_row_once_packing_and_splitting_row_groups(parquet_files):
+    tasks = list(prepare_fineweb.parquet_tasks([str(f) for f in parquet_files], "text", skip=0))
+    rows = [(path, group, row) for task in tasks for path, _, group, start, stop in task for row in range(start, stop)]
+    layout = zip(parquet_files, PARQUET_LAYOUT, strict=True)
+    assert rows == [(str(f), group, row) for f, sizes in layout for group, n in enumerate(sizes) for row in range(n)]
+    groups_per_task = [{(path, group) for path, _, group, _, _ in task} for task in tasks]
+    assert max(map(len, groups_per_task)) > 1  # small row groups share a task
+    assert max(Counter(g for task in groups_per_task for g in task).values()) > 2  # a large one is split
+
+    resumed = list(prepare_fineweb.parquet_tasks([str(f) for f in parquet_files], "text", skip=60))
+    assert resumed[0][0][:4] == (str(parquet_files[2]), "text", 1, 6)  # 3 + 50 + 1 rows before, 0 in row group 0
+
+
+@pytest.mark.parametrize("num_proc", ["1", "2"])
+def test_parquet_files_give_the_same_shards_as_one_jsonl(tmp_path, docs, jsonl, parquet_files, num_proc):
+    prepare([jsonl], tmp_path / "jsonl")
+    manifest = prepare(parquet_files, tmp_path / "parquet", "--num_proc", num_proc)
+    assert manifest["documents"] == len(docs)
+    shards, reference = files_of(tmp_path / "parquet"), files_of(tmp_path / "jsonl")
+    assert shards.pop("manifest.json") != reference.pop("manifest.json")  # the source differs, the shards do not
+    assert len(shards) > 5 and shards == reference
+
+
+def test_parquet_max_tokens_stops_in_the_middle_of_a_file(tmp_path, docs, parquet_files):
+    manifest = prepare(parquet_files, tmp_path / "out", "--max_tokens", "4000", "--num_proc", "2")
+    assert [s["tokens"] for s in manifest["shards"]] == [1500, 1500, 1000] and manifest["complete"]
+    assert 54 < manifest["documents"] < 174  # inside the large row group of the third file
+    stream = np.concatenate([read_split(tmp_path / "out", "val"), read_split(tmp_path / "out", "train")])
+    np.testing.assert_array_equal(stream, token_stream(docs)[:4000])
+
+
+def test_parquet_resume_in_the_middle_of_a_row_group(tmp_path, parquet_files, monkeypatch):
+    prepare(parquet_files, tmp_path / "reference")
+
+    def crash_at_third_shard(path, tokens):
+        if Path(path).name.startswith("train_000001"):
+            raise KeyboardInterrupt
+        write_shard(path, tokens)
+
+    monkeypatch.setattr(prepare_fineweb, "write_shard", crash_at_third_shard)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        prepare(parquet_files, out, "--num_proc", "2")
+    kept = json.loads((out / "manifest.json").read_text())["shards"]
+    assert len(kept) == 2 and kept[-1]["end_document"] not in GROUP_BOUNDARIES and kept[-1]["end_offset"] > 0
+
+    monkeypatch.setattr(prepare_fineweb, "write_shard", write_shard)
+    prepare(parquet_files, out, "--num_proc", "2")
+    assert files_of(out) == files_of(tmp_path / "reference")
+
+
+def test_row_group_reader_reads_any_rows_and_notices_a_shortened_file(tmp_path, docs, monkeypatch):
+    monkeypatch.setattr(prepare_fineweb, "READ_ROWS", 7)
+    (path,) = write_parquet_files(tmp_path, docs[:30], [[30]])
+    reader = prepare_fineweb.RowGroupReader(str(path), "text", 0)
+    assert reader.read(10, 20) == docs[10:20] and reader.read(20, 23) == docs[20:23]
+    assert reader.read(5, 12) == docs[5:12]  # backwards: decodes from the start again
+    with pytest.raises(prepare_fineweb.UsageError, match="shorter than its footer"):
+        reader.read(25, 31)
 
 
 def test_num_proc_gives_byte_identical_shards(tmp_path, monkeypatch):
@@ -231,6 +319,47 @@ def test_main_reports_input_mistakes_in_one_line(tmp_path, data_file, contents, 
         prepare_fineweb.main(["--data_files", str(tmp_path / data_file), "--output_dir", str(tmp_path / "out")])
     assert exit_info.value.code not in (0, None)
     assert message in str(exit_info.value.code) and "\n" not in str(exit_info.value.code)
+
+
+def corrupt_second_row_group(path: Path) -> None:
+    pq.write_table(pa.table({"text": [f"document {i}" for i in range(90)]}), path, row_group_size=30)
+    column = pq.read_metadata(path).row_group(1).column(0)
+    with open(path, "r+b") as f:
+        f.seek(column.dictionary_page_offset or column.data_page_offset)
+        f.write(b"\xff" * 16)  # the first page header
+
+
+PARQUET_MISTAKES = {
+    "not parquet": (lambda path: path.write_bytes(b"not a parquet file"), "is not a readable parquet file"),
+    "corrupt page": (corrupt_second_row_group, "cannot read row group 1 (Couldn't deserialize thrift"),
+    "null": (lambda path: pq.write_table(pa.table({"text": ["a"] * 40 + [None]}), path), "missing (null) values"),
+    "numbers": (lambda path: pq.write_table(pa.table({"text": [1, 2]}), path), "holds int64, not text"),
+    "other column": (
+        lambda path: pq.write_table(pa.table({"body": ["a"]}), path),
+        "no column 'text'; its columns: body",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PARQUET_MISTAKES))
+def test_main_names_the_parquet_file_with_a_mistake_in_one_line(tmp_path, docs, case):
+    (good,) = write_parquet_files(tmp_path, docs, [[200]])
+    bad = tmp_path / "part_1.parquet"
+    make, message = PARQUET_MISTAKES[case]
+    make(bad)
+    argv = ["--data_files", str(good), str(bad), "--output_dir", str(tmp_path / "out"), "--shard_size", "1500"]
+    with pytest.raises(SystemExit) as exit_info:
+        prepare_fineweb.main(argv + ["--num_proc", "2"])  # row groups are read, and found corrupt, in the workers
+    error = str(exit_info.value.code)
+    assert error.startswith(f"prepare_fineweb.py: error: {bad}") and message in error and "\n" not in error
+
+
+def test_cli_corrupt_parquet_is_one_line_without_traceback(tmp_path):
+    corrupt = tmp_path / "corrupt.parquet"
+    corrupt_second_row_group(corrupt)
+    result = run_cli("--data_files", str(corrupt), "--output_dir", str(tmp_path / "out"), "--num_proc", "2")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"prepare_fineweb.py: error: {corrupt}: cannot read")
 
 
 # -----------------------------------------------------------------------------
