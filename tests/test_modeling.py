@@ -238,6 +238,35 @@ def test_every_token_reaches_its_experts_even_when_all_pick_one():
     torch.testing.assert_close(out, expected, atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize("top_k, all_to_expert_0", [(2, False), (3, False), (1, True)])
+def test_moe_block_gradients_match_naive_float64_reference(top_k, all_to_expert_0):
+    """Input, router and every expert's gradients through the eager experts, including exact zeros for
+    experts that received no token."""
+    model = tiny_model(seed=11, num_experts_per_tok=top_k, norm_topk_prob=False).double()
+    model.set_experts_implementation("eager")
+    block = model.transformer.h[0].mlp
+    x = torch.randn(1, 24, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    if all_to_expert_0:
+        with torch.no_grad():
+            block.router.weight.zero_()
+            block.router.weight[0] = 10.0
+        x = x.abs() + 0.1
+    grad_output = torch.randn_like(x)
+
+    def gradients(forward) -> dict[str, torch.Tensor]:
+        block.zero_grad(set_to_none=True)
+        inputs = x.clone().requires_grad_()
+        (forward(inputs) * grad_output).sum().backward()
+        return {"input": inputs.grad, **{name: p.grad for name, p in block.named_parameters()}}
+
+    ours = gradients(lambda inputs: block(inputs)[0])
+    expected = gradients(lambda inputs: naive_moe(block, inputs.view(-1, 32), top_k, False).view_as(inputs))
+    for name in expected:
+        torch.testing.assert_close(ours[name], expected[name], atol=1e-10, rtol=0, msg=name)
+    if all_to_expert_0:
+        assert ours["experts.up_proj"][1:].eq(0).all() and ours["experts.down_proj_bias"][1:].eq(0).all()
+
+
 # ---------------------------------------------------------------- router losses
 
 
