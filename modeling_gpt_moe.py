@@ -7,6 +7,7 @@ transposes. This file travels with every checkpoint as remote code: it imports o
 transformers and the config file.
 """
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -495,5 +496,8 @@ GPTMoEForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 AutoConfig.register(GPTMoEConfig.model_type, GPTMoEConfig, exist_ok=True)
 AutoModel.register(GPTMoEConfig, GPTMoEModel, exist_ok=True)
 AutoModelForCausalLM.register(GPTMoEConfig, GPTMoEForCausalLM, exist_ok=True)
+# generate() calls inspect.signature(model.forward) at every step for remote-code models (to look for the old
+# cache_position argument); working it out again through forward's decorator is 2-3% of decoding on CPU.
+GPTMoEForCausalLM.forward.__signature__ = inspect.signature(GPTMoEForCausalLM.forward)
 
 __all__ = ["GPTMoEForCausalLM", "GPTMoEModel", "GPTMoEPreTrainedModel"]
