@@ -208,11 +208,12 @@ class GPTMoESparseMoeBlock(nn.Module):
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
         device_type = hidden_states.device.type
-        compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-        if compute_dtype is None or self.experts.up_proj.dtype == compute_dtype:
-            return self.experts(hidden_states, top_k_index, top_k_weights)
+        autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
         # Autocast does not cover transformers' grouped GEMMs: they would run in the float32 weights' dtype
-        # (on CUDA a slow per-expert fallback). Cast the weights as autocast casts nn.Linear's.
+        # (on CUDA a slow per-expert fallback). Cast the weights as autocast casts nn.Linear's: float32 only.
+        if not autocast or self.experts.up_proj.dtype != torch.float32:
+            return self.experts(hidden_states, top_k_index, top_k_weights)
+        compute_dtype = torch.get_autocast_dtype(device_type)
         weights = {name: param.to(compute_dtype) for name, param in self.experts.named_parameters()}
         return torch.func.functional_call(self.experts, weights, (hidden_states, top_k_index, top_k_weights))
 
@@ -497,7 +498,9 @@ AutoConfig.register(GPTMoEConfig.model_type, GPTMoEConfig, exist_ok=True)
 AutoModel.register(GPTMoEConfig, GPTMoEModel, exist_ok=True)
 AutoModelForCausalLM.register(GPTMoEConfig, GPTMoEForCausalLM, exist_ok=True)
 # generate() calls inspect.signature(model.forward) at every step for remote-code models (to look for the old
-# cache_position argument); working it out again through forward's decorator is 2-3% of decoding on CPU.
-GPTMoEForCausalLM.forward.__signature__ = inspect.signature(GPTMoEForCausalLM.forward)
+# cache_position argument); working it out anew is 2-3% of decoding on CPU. Stored on the undecorated function,
+# so wrappers that copy forward's attributes (accelerate's hooks) still drop `self` from their signature.
+_undecorated_forward = inspect.unwrap(GPTMoEForCausalLM.forward)
+_undecorated_forward.__signature__ = inspect.signature(_undecorated_forward)
 
 __all__ = ["GPTMoEForCausalLM", "GPTMoEModel", "GPTMoEPreTrainedModel"]
