@@ -37,10 +37,12 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from multiprocessing.pool import Pool
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import tiktoken
 from datasets import IterableDataset, load_dataset
 from datasets.exceptions import DatasetNotFoundError
 from tqdm import tqdm
@@ -51,7 +53,14 @@ from gpt2_tokenizer import EOT_ID, VOCAB_SHA256, VOCAB_SIZE, get_encoding
 MANIFEST = "manifest.json"
 DATA_FILE_FORMATS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".txt": "text", ".arrow": "arrow"}
 TASK_CHARS = 250_000  # text per worker task: ~60k tokens, ~20 ms of tokenising, so IPC costs little
-PARQUET_TASK_BYTES = 1_000_000  # parquet text per worker task, ~250k tokens: larger, see parquet_tasks
+# parquet text per worker task, ~250k tokens: larger than TASK_CHARS so that more row groups fit in one task, and
+# are decoded once (see parquet_tasks)
+PARQUET_TASK_BYTES = 1_000_000
+# The footer's size of a dictionary-encoded column counts repeated text once: 2,000 copies of a 100 KB document look
+# like 100 KB. So a task takes at most this many rows, whatever the footer says. FineWeb-Edu's documents average
+# ~1,000 tokens (~4.5 KB), ~220 in 1 MB: the cap binds only where rows average under 1 KB, and there it makes tasks
+# smaller. It bounds rows, not bytes: a task can still hold 1,024 of the longest documents (x 100 KB = 100 MB).
+PARQUET_TASK_ROWS = 1024
 READ_ROWS = 256  # rows decoded or converted from Arrow at a time
 TASKS_IN_FLIGHT = 4  # per worker; bounds memory however fast the source reads
 SKIPPED_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests"}  # tests are code, not prose
@@ -139,10 +148,11 @@ def resolve_data_files(patterns: list[str]) -> list[str]:
 
 def tokenizing_tasks(source: dict, skip: int) -> tuple[Callable, Iterator]:
     """(function, its tasks) that tokenise the documents of `source` after the first `skip`, in order; fails here,
-    before anything is written, if there are none."""
+    before anything is written, if there are none or a parquet file's footer or schema is wrong."""
     if is_local_parquet(source):
         # the workers read the rows themselves: the main process neither decodes nor converts the text
-        work, tasks = tokenize_rows, parquet_tasks(source["data_files"], source["text_column"], skip)
+        work = functools.partial(tokenize_rows, source["text_column"])
+        tasks = parquet_tasks(source["data_files"], source["text_column"], skip)
     else:
         work, tasks = tokenize, batched(open_documents(source, skip), TASK_CHARS)
     first = next(tasks, None)
@@ -224,29 +234,49 @@ def check_no_nulls(column: pa.Array | pa.ChunkedArray, text_column: str, name: s
         raise UsageError(f"{name}: column {text_column!r} has missing (null) values; drop or fill those rows")
 
 
-def parquet_tasks(files: list[str], text_column: str, skip: int) -> Iterator[list[tuple[str, str, int, int, int]]]:
-    """Row ranges (file, column, row group, first row, end row) in lists of about PARQUET_TASK_BYTES of text, from
-    document `skip` on, planned from the files' footers alone: tokenize_rows() reads them in the worker.
+class RowRange(NamedTuple):
+    """Rows start to stop - 1 of one row group of a parquet file."""
 
-    Small row groups share a task; a large one is split. A row group decodes only from its start, so each worker
-    that gets slices of one decodes it up to its last slice (once: see RowGroupReader), which costs about 2% of the
-    CPU time of tokenising it; that is why these tasks are larger than TASK_CHARS.
+    path: str
+    group: int
+    start: int
+    stop: int
+
+
+def parquet_tasks(files: list[str], text_column: str, skip: int) -> Iterator[list[RowRange]]:
+    """Row ranges in lists of about PARQUET_TASK_BYTES of text and at most PARQUET_TASK_ROWS rows, from document
+    `skip` on, planned from the files' footers alone: tokenize_rows() reads them in the worker. Every footer is read
+    at the first task, so a mistake in any file is found before anything is written.
+
+    A row group that fits in a task is never split: small ones share a task, and one that does not fit what is left
+    of the current task starts the next, so each is decoded once. A larger one is split, and pyarrow decodes a row
+    group only from its start: each worker that gets slices of it decodes it up to its last slice (once: see
+    RowGroupReader), about 2% of the CPU time of tokenising it. With one large row group (pyarrow's default for files
+    of up to ~1M rows) every worker does so, and this overhead grows with --num_proc: about 2% of the tokenising CPU
+    per extra worker.
     """
-    task, budget = [], PARQUET_TASK_BYTES
-    for path, group, rows, size in parquet_row_groups(files, text_column):
+    row_groups = list(parquet_row_groups(files, text_column))
+    task, room = [], PARQUET_TASK_BYTES
+    for path, group, rows, size in row_groups:
         if skip >= rows:
             skip -= rows
             continue
         row, skip = skip, 0
-        row_bytes = size / rows  # an estimate: the sizes of single rows are not in the footer
+        # an estimate, as the footer has no sizes of single rows; counting each row as at least a PARQUET_TASK_ROWS-th
+        # of a task caps the rows per task
+        row_bytes = max(size / rows, PARQUET_TASK_BYTES / PARQUET_TASK_ROWS)
         while row < rows:
-            take = min(rows - row, math.ceil(budget / row_bytes))
-            task.append((path, text_column, group, row, row + take))
-            row += take
-            budget -= take * row_bytes
-            if budget <= 0:
+            fit, rest = math.floor(room / row_bytes), rows - row
+            # the next task starts when this one is full, or when the rest of this row group fits in a task of its own
+            # but not in this one: only row groups larger than a task are split
+            if task and (fit == 0 or fit < rest and rest * row_bytes <= PARQUET_TASK_BYTES):
                 yield task
-                task, budget = [], PARQUET_TASK_BYTES
+                task, room = [], PARQUET_TASK_BYTES
+                continue
+            take = min(rest, max(fit, 1))  # a row larger than a task is a task of its own
+            task.append(RowRange(path, group, row, row + take))
+            row += take
+            room -= take * row_bytes
     if task:
         yield task
 
@@ -331,25 +361,42 @@ def definitions(body: list[ast.stmt]) -> Iterator[ast.AST]:
 def tokenize(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """<|endoftext|> + tokens of each text, concatenated (uint16), and each document's token count."""
     encoding = get_encoding()
-    # encode() with no special tokens allowed or disallowed is encode_ordinary() (tiktoken documents the equivalence),
-    # and its numpy variant does not build a Python int per token
-    docs = [encoding.encode_to_numpy(text, disallowed_special=()) for text in texts]
+    docs = [encode_ordinary_to_numpy(encoding, text) for text in texts]
     eot = np.array([EOT_ID], dtype=np.uint32)
     tokens = np.concatenate([part for doc in docs for part in (eot, doc)]).astype(np.uint16)
     return tokens, np.array([len(doc) + 1 for doc in docs], dtype=np.int64)
 
 
-def tokenize_rows(row_ranges: list[tuple[str, str, int, int, int]]) -> tuple[np.ndarray, np.ndarray]:
+def encode_ordinary_to_numpy(encoding: tiktoken.Encoding, text: str) -> np.ndarray:
+    """encode_ordinary(text) as uint32, without building a Python int per token."""
+    try:
+        # with no special tokens allowed or disallowed, encode() is encode_ordinary() for valid text (tiktoken)
+        return encoding.encode_to_numpy(text, disallowed_special=())
+    except UnicodeEncodeError:  # lone surrogates (docstrings may have "\udXXX"): encode_ordinary() replaces them
+        return np.array(encoding.encode_ordinary(text), dtype=np.uint32)
+
+
+def tokenize_rows(text_column: str, row_ranges: list[RowRange]) -> tuple[np.ndarray, np.ndarray]:
     """tokenize() of the documents in parquet row ranges (see parquet_tasks), read in this process."""
     texts = []
-    for path, text_column, group, start, stop in row_ranges:
-        texts += row_group_reader(path, text_column, group).read(start, stop)
+    for path, group, start, stop in row_ranges:
+        texts += row_group_reader(path, text_column, group, file_version(path)).read(start, stop)
     return tokenize(texts)
 
 
+def file_version(path: str) -> tuple[int, int, int]:
+    """Changes when the file is rewritten in place or replaced (unless within one tick of the clock, at equal size)."""
+    try:
+        stat = os.stat(path)
+    except OSError as e:
+        raise UsageError(f"{path} is not a readable parquet file ({one_line(e)})") from e
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
 @functools.lru_cache(maxsize=1)
-def row_group_reader(path: str, text_column: str, group: int) -> "RowGroupReader":
-    """The reader of the row group this process read last, kept because the next task often goes on with it."""
+def row_group_reader(path: str, text_column: str, group: int, version: tuple[int, int, int]) -> "RowGroupReader":
+    """The reader of the row group this process read last, kept because the next task often goes on with it. The
+    file's `version` is part of the key, so a file rewritten since (in a later run in this process) is read anew."""
     return RowGroupReader(path, text_column, group)
 
 
@@ -616,7 +663,7 @@ def prepare(args: argparse.Namespace) -> dict:
             clear_for_writing(output_dir, manifest, args.overwrite)
             written = write_shards(tokenized(work, tasks, pool, args.num_proc), manifest, output_dir)
     finally:
-        row_group_reader.cache_clear()  # --num_proc 1 reads here: the next run may read new files
+        row_group_reader.cache_clear()  # --num_proc 1 reads here: close the file the last reader holds open
     manifest["complete"] = True
     write_manifest(output_dir, manifest)
     seconds = time.perf_counter() - started

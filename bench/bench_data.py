@@ -1,6 +1,6 @@
 """Throughput of the data pipeline, printed as markdown tables for BENCHMARKS.md.
 
-    python bench/bench_data.py            # a few minutes on 2 cores
+    python bench/bench_data.py            # about 75 s on 2 cores
     python bench/bench_data.py --quick    # under a minute
 
 1. Tokenising: prepare_fineweb.py end to end (parquet in, shards out, --num_proc 2) against

@@ -4,6 +4,7 @@ import io
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -143,17 +144,61 @@ def test_file_formats_give_the_same_tokens(tmp_path, docs, suffix):
     np.testing.assert_array_equal(stream, token_stream(docs))
 
 
+def rows_of(task: list[prepare_fineweb.RowRange]) -> list[tuple[str, int, int]]:
+    return [(r.path, r.group, row) for r in task for row in range(r.start, r.stop)]
+
+
+def groups_of(task: list[prepare_fineweb.RowRange]) -> set[tuple[str, int]]:
+    return {(r.path, r.group) for r in task}
+
+
 def test_parquet_tasks_cover_every_row_once_packing_and_splitting_row_groups(parquet_files):
     tasks = list(prepare_fineweb.parquet_tasks([str(f) for f in parquet_files], "text", skip=0))
-    rows = [(path, group, row) for task in tasks for path, _, group, start, stop in task for row in range(start, stop)]
     layout = zip(parquet_files, PARQUET_LAYOUT, strict=True)
-    assert rows == [(str(f), group, row) for f, sizes in layout for group, n in enumerate(sizes) for row in range(n)]
-    groups_per_task = [{(path, group) for path, _, group, _, _ in task} for task in tasks]
+    expected = [(str(f), group, row) for f, sizes in layout for group, n in enumerate(sizes) for row in range(n)]
+    assert [row for task in tasks for row in rows_of(task)] == expected
+    groups_per_task = list(map(groups_of, tasks))
     assert max(map(len, groups_per_task)) > 1  # small row groups share a task
     assert max(Counter(g for task in groups_per_task for g in task).values()) > 2  # a large one is split
 
     resumed = list(prepare_fineweb.parquet_tasks([str(f) for f in parquet_files], "text", skip=60))
-    assert resumed[0][0][:4] == (str(parquet_files[2]), "text", 1, 6)  # 3 + 50 + 1 rows before, 0 in row group 0
+    first = resumed[0][0]  # 3 + 50 + 1 rows before, 0 in row group 0
+    assert (first.path, first.group, first.start) == (str(parquet_files[2]), 1, 6)
+
+
+def test_parquet_row_groups_that_fit_in_a_task_are_not_split(tmp_path):
+    rng = random.Random(0)
+    docs = [rng.randbytes(1500).hex() for _ in range(1000)]  # 3 KB each, all different
+    (path,) = write_parquet_files(tmp_path, docs, [[100] * 10])  # ~0.3 MB of text per row group, ~3 per task
+    tasks = list(prepare_fineweb.parquet_tasks([str(path)], "text", skip=0))
+    expected = [(str(path), group, row) for group in range(10) for row in range(100)]
+    assert [row for task in tasks for row in rows_of(task)] == expected
+    groups_per_task = list(map(groups_of, tasks))
+    assert len(tasks) < 5 and max(map(len, groups_per_task)) > 1
+    assert sum(map(len, groups_per_task)) == 10  # each row group in one task only
+
+
+def test_parquet_tasks_cap_rows_when_the_footer_underestimates_duplicated_text(tmp_path):
+    path = tmp_path / "duplicates.parquet"
+    pq.write_table(pa.table({"text": ["a long document " * 625] * 2000}), path)  # 2,000 copies of 10 KB
+    # dictionary encoding stores the text once, and the footer's size says so: ~10 KB for 20 MB of text
+    assert pq.read_metadata(path).row_group(0).column(0).total_uncompressed_size < 20_000
+    tasks = list(prepare_fineweb.parquet_tasks([str(path)], "text", skip=0))
+    rows_per_task = [sum(r.stop - r.start for r in task) for task in tasks]
+    assert sum(rows_per_task) == 2000 and max(rows_per_task) <= prepare_fineweb.PARQUET_TASK_ROWS
+
+
+def test_parquet_text_column_after_a_struct_column(tmp_path, docs):
+    # the footer has a column per struct field: the text is its third column, the table's second
+    meta = [{"url": f"https://example.com/{'x' * 500}/{i}", "score": i / 7} for i in range(len(docs))]
+    path = tmp_path / "with_struct.parquet"
+    pq.write_table(pa.table({"meta": meta, "text": docs}), path)
+    ((_, _, rows, size),) = prepare_fineweb.parquet_row_groups([str(path)], "text")
+    text = pq.read_metadata(path).row_group(0).column(2)
+    assert text.path_in_schema == "text" and (rows, size) == (len(docs), text.total_uncompressed_size)
+    prepare([path], tmp_path / "out")
+    stream = np.concatenate([read_split(tmp_path / "out", "val"), read_split(tmp_path / "out", "train")])
+    np.testing.assert_array_equal(stream, token_stream(docs))
 
 
 @pytest.mark.parametrize("num_proc", ["1", "2"])
@@ -192,6 +237,27 @@ def test_parquet_resume_in_the_middle_of_a_row_group(tmp_path, parquet_files, mo
     monkeypatch.setattr(prepare_fineweb, "write_shard", write_shard)
     prepare(parquet_files, out, "--num_proc", "2")
     assert files_of(out) == files_of(tmp_path / "reference")
+
+
+def test_parquet_file_rewritten_in_place_between_two_runs_gives_the_new_text(tmp_path, docs, monkeypatch):
+    # as if prepare() no longer emptied its reader cache at the end: the cache must still notice the new file
+    monkeypatch.setattr(prepare_fineweb.row_group_reader, "cache_clear", lambda: None)
+    (path,) = write_parquet_files(tmp_path, docs, [[len(docs)]])  # fewer rows than READ_ROWS: one batch holds all
+    prepare([path], tmp_path / "old")
+    new = [doc.upper() + "!" for doc in docs]
+    write_parquet_files(tmp_path, new, [[len(docs)]])
+    prepare([path], tmp_path / "new")
+    stream = np.concatenate([read_split(tmp_path / "new", "val"), read_split(tmp_path / "new", "train")])
+    np.testing.assert_array_equal(stream, token_stream(new))
+    monkeypatch.undo()
+    prepare_fineweb.row_group_reader.cache_clear()  # closes the file
+
+
+def test_tokenize_repairs_lone_surrogates_as_encode_ordinary_does():
+    # docstrings may hold "\udXXX" escapes; encode_to_numpy() raises on them, encode_ordinary() replaces them
+    texts = ["x\ud800y", "plain text"]
+    tokens, lengths = prepare_fineweb.tokenize(texts)
+    assert tokens.tolist() == token_stream(texts).tolist() and lengths.tolist() == [4, 3]
 
 
 def test_row_group_reader_reads_any_rows_and_notices_a_shortened_file(tmp_path, docs, monkeypatch):
@@ -352,6 +418,20 @@ def test_main_names_the_parquet_file_with_a_mistake_in_one_line(tmp_path, docs, 
         prepare_fineweb.main(argv + ["--num_proc", "2"])  # row groups are read, and found corrupt, in the workers
     error = str(exit_info.value.code)
     assert error.startswith(f"prepare_fineweb.py: error: {bad}") and message in error and "\n" not in error
+
+
+@pytest.mark.parametrize("case", ["not parquet", "numbers", "other column"])
+def test_a_later_parquet_files_mistake_in_its_footer_fails_before_any_shard_is_written(
+    tmp_path, docs, case, monkeypatch
+):
+    monkeypatch.setattr(prepare_fineweb, "PARQUET_TASK_BYTES", 2000)  # the good file alone fills several shards
+    good = write_parquet_files(tmp_path, docs, [[50] * 4])
+    bad = tmp_path / "part_1.parquet"
+    make, message = PARQUET_MISTAKES[case]
+    make(bad)
+    with pytest.raises(prepare_fineweb.UsageError, match=re.escape(message)):
+        prepare([*good, bad], tmp_path / "out", "--val_tokens", "100", "--shard_size", "100")
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_corrupt_parquet_is_one_line_without_traceback(tmp_path):
