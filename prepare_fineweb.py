@@ -269,7 +269,7 @@ def parquet_tasks(files: list[str], text_column: str, skip: int) -> Iterator[lis
             fit, rest = math.floor(room / row_bytes), rows - row
             # the next task starts when this one is full, or when the rest of this row group fits in a task of its own
             # but not in this one: only row groups larger than a task are split
-            if task and (fit == 0 or fit < rest and rest * row_bytes <= PARQUET_TASK_BYTES):
+            if task and (fit == 0 or (fit < rest and rest * row_bytes <= PARQUET_TASK_BYTES)):
                 yield task
                 task, room = [], PARQUET_TASK_BYTES
                 continue
