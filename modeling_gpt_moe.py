@@ -367,6 +367,14 @@ class GPTMoEModel(GPTMoEPreTrainedModel):
         )
 
 
+def token_mean(values: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over the tokens (dim 0) of `values`, leaving out padding (token_mask 0)."""
+    if token_mask is None:
+        return values.mean(dim=0)
+    weights = token_mask.to(values.dtype).view(-1, *[1] * (values.dim() - 1))
+    return (values * weights).sum(dim=0) / weights.sum().clamp(min=1.0)
+
+
 def load_balancing_loss(
     router_logits: tuple[torch.Tensor, ...], top_k: int, token_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -382,25 +390,15 @@ def load_balancing_loss(
         num_experts = logits.shape[-1]
         probs = F.softmax(logits, dim=-1, dtype=torch.float32)  # (N, E)
         chosen = F.one_hot(torch.topk(probs, top_k, dim=-1).indices, num_experts).sum(dim=1).float()  # (N, E)
-        weights = torch.ones_like(probs[:, 0]) if token_mask is None else token_mask.float()
-        num_tokens = weights.sum().clamp(min=1.0)
-        assignment_share = (chosen * weights[:, None]).sum(dim=0) / (num_tokens * top_k)
-        mean_prob = (probs * weights[:, None]).sum(dim=0) / num_tokens
-        layer_losses.append(num_experts * torch.sum(assignment_share * mean_prob))
+        assignment_share = token_mean(chosen, token_mask) / top_k
+        layer_losses.append(num_experts * torch.sum(assignment_share * token_mean(probs, token_mask)))
     return torch.stack(layer_losses).mean()
 
 
 def router_z_loss(router_logits: tuple[torch.Tensor, ...], token_mask: torch.Tensor | None = None) -> torch.Tensor:
     """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2, averaged over MoE layers."""
-    layer_losses = []
-    for logits in router_logits:
-        z = torch.logsumexp(logits.float(), dim=-1) ** 2  # (N,)
-        if token_mask is None:
-            layer_losses.append(z.mean())
-        else:
-            weights = token_mask.float()
-            layer_losses.append((z * weights).sum() / weights.sum().clamp(min=1.0))
-    return torch.stack(layer_losses).mean()
+    z_per_layer = [token_mean(torch.logsumexp(logits.float(), dim=-1) ** 2, token_mask) for logits in router_logits]
+    return torch.stack(z_per_layer).mean()
 
 
 @dataclass
