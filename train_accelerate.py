@@ -287,9 +287,7 @@ def install_stop_handlers(accelerator: Accelerator, log) -> None:
 
 class RunLog:
     """Where results go: the console, log.txt (build-nanogpt's `<step> <stream> <value>` lines),
-    expert_load.jsonl, the trackers and the plots. Only the main process writes.
-
-    """
+    expert_load.jsonl, the trackers and the plots. Only the main process writes."""
 
     def __init__(self, accelerator: Accelerator, output_dir: str):
         self.accelerator = accelerator
@@ -435,8 +433,9 @@ def loss_parts(out, config: GPTMoEConfig) -> torch.Tensor:
     total = out.loss.detach()
     if out.aux_loss is None:
         return torch.stack([total, total, torch.zeros_like(total)])
-    router_terms = config.router_aux_loss_coef * out.aux_loss + config.router_z_loss_coef * out.z_loss
-    return torch.stack([total, total - router_terms.detach(), out.aux_loss.detach()])
+    aux_loss, z_loss = out.aux_loss.detach(), out.z_loss.detach()
+    router_terms = config.router_aux_loss_coef * aux_loss + config.router_z_loss_coef * z_loss
+    return torch.stack([total, total - router_terms, aux_loss])
 
 
 def train_step(

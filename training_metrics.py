@@ -64,10 +64,10 @@ def router_statistics(router_logits: tuple[torch.Tensor, ...], top_k: int) -> to
     assignments each expert got, then the router entropy summed over tokens."""
     rows = []
     for logits in router_logits:  # (N, E) per layer
-        num_experts = logits.shape[-1]
-        chosen = logits.float().topk(top_k, dim=-1).indices
-        counts = torch.bincount(chosen.flatten(), minlength=num_experts).float()
-        log_probs = F.log_softmax(logits.float(), dim=-1)
+        logits = logits.float()
+        chosen = logits.topk(top_k, dim=-1).indices
+        counts = torch.bincount(chosen.flatten(), minlength=logits.shape[-1]).float()
+        log_probs = F.log_softmax(logits, dim=-1)
         entropy = -(log_probs.exp() * log_probs).sum()
         rows.append(torch.cat([counts, entropy[None]]))
     return torch.stack(rows)
