@@ -13,15 +13,13 @@ Contenders run interleaved (A B, B A, ...); each figure is the median of per-rou
 """
 
 import argparse
-import datetime
-import platform
 import sys
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from timing import ratio_row, time_interleaved
+from timing import cpu_header, ratio_row, time_interleaved
 from torch._C._profiler import _EventType
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -139,10 +137,7 @@ def main() -> None:
     shape = QUICK if args.quick else FULL
     only = args.only or ("train", "generate", "memory")
     models = build_models(shape)
-    print(
-        f"{datetime.date.today()}, {platform.machine()} ({torch.backends.cpu.get_cpu_capability()}), "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}; shape {shape}"
-    )
+    print(cpu_header(shape))
     print("| measurement | GPTMoE | GPT2LMHeadModel | ours / peer (quartiles) |\n|---|---|---|---|")
     if "train" in only:
         print("\n".join(bench_training(models, shape)))

@@ -16,16 +16,14 @@ each figure is the median of per-round ratios.
 """
 
 import argparse
-import datetime
 import itertools
-import platform
 import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from timing import ratio_row, time_interleaved
+from timing import cpu_header, ratio_row, time_interleaved
 from transformers import OlmoeConfig
 from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock
 
@@ -176,13 +174,9 @@ def bench_vs_olmoe(shape: dict) -> list[str]:
     for top_k in (1, 2):
         ours, olmoe = matched_blocks(shape, top_k)
         contenders = {("ours, exact GELU", "eager"): fwd_bwd_fn(with_exact_gelu(ours), x)}
-        for implementation in EXPERTS_IMPLEMENTATIONS:
-            contenders[("ours", implementation)] = with_experts_implementation(
-                ours, implementation, fwd_bwd_fn(ours, x)
-            )
-            contenders[("olmoe", implementation)] = with_experts_implementation(
-                olmoe, implementation, fwd_bwd_fn(olmoe, x)
-            )
+        for i in EXPERTS_IMPLEMENTATIONS:
+            for key, block in (("ours", ours), ("olmoe", olmoe)):
+                contenders[(key, i)] = with_experts_implementation(block, i, fwd_bwd_fn(block, x))
         times = time_interleaved(contenders, repeats=shape["repeats"], warmup=1)
         medians = {key: statistics.median(t) * 1e3 for key, t in times.items()}
         best_ours = min(EXPERTS_IMPLEMENTATIONS, key=lambda i: medians[("ours", i)])
@@ -205,10 +199,7 @@ def main() -> None:
     args = parser.parse_args()
     shape = QUICK if args.quick else FULL
     only = args.only or ("layers", "models", "olmoe")
-    print(
-        f"{datetime.date.today()}, {platform.machine()} ({torch.backends.cpu.get_cpu_capability()}), "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}; shape {shape}"
-    )
+    print(cpu_header(shape))
     rows = []
     if "layers" in only:
         rows += bench_overhead_layers(shape)

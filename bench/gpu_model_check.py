@@ -13,11 +13,9 @@ import time
 from pathlib import Path
 
 import torch
+from timing import time_interleaved
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-from timing import time_interleaved  # noqa: E402  (bench/timing.py)
 
 from configuration_gpt_moe import GPTMoEConfig  # noqa: E402
 from modeling_gpt_moe import GPTMoEForCausalLM  # noqa: E402

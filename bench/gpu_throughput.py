@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from configuration_gpt_moe import GPTMoEConfig  # noqa: E402
 from modeling_gpt_moe import GPTMoEForCausalLM  # noqa: E402
+from training_metrics import flops_per_token  # noqa: E402  (what train_accelerate.py reports MFU with)
 
 H100_DENSE_BF16_FLOPS = 989e12
 GPT2_124M = dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50304, seq_len=1024, batch_size=16, eos=50256)
@@ -92,22 +93,6 @@ def build_model(name: str, shape: dict, device: str, precision: str) -> torch.nn
             config = GPTMoEConfig(block_size=shape["seq_len"], **dims, **tokens, **overrides)
             model = GPTMoEForCausalLM(config)
     return model.to(torch.bfloat16) if precision == "bf16" else model
-
-
-def active_params(model: torch.nn.Module) -> float:
-    config = model.config
-    routed_share = getattr(config, "num_experts_per_tok", 1) / getattr(config, "num_experts", 1)
-    total = 0.0
-    for name, param in model.named_parameters():  # a tied weight is listed once
-        if "wpe" in name:
-            continue
-        total += param.numel() * (routed_share if ".experts." in name else 1.0)
-    return total
-
-
-def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
-    config = model.config
-    return 6 * active_params(model) + 12 * config.n_layer * config.n_embd * seq_len
 
 
 class Trainer:

@@ -1,9 +1,14 @@
 """Interleaved timing shared by the model benchmarks: contenders run in turn (A B, B A, A B, ...), so a slow
-phase of a shared machine hits all of them, and each figure is a ratio of runs made side by side."""
+phase of a shared machine hits all of them, and each figure is a ratio of runs made side by side; and the line
+that heads the CPU benchmarks' tables."""
 
+import datetime
+import platform
 import statistics
 import time
 from collections.abc import Callable
+
+import torch
 
 
 def time_interleaved(
@@ -43,3 +48,11 @@ def ratio_row(name: str, times: list[float], reference_times: list[float]) -> st
     median, low, high = paired_ratio(times, reference_times)
     ms, reference_ms = statistics.median(times) * 1e3, statistics.median(reference_times) * 1e3
     return f"| {name} | {ms:.1f} | {reference_ms:.1f} | **{median:.2f}x** ({low:.2f}-{high:.2f}) |"
+
+
+def cpu_header(shape: dict) -> str:
+    """The line above a CPU benchmark's table: date, machine, threads, torch version and the shape."""
+    return (
+        f"{datetime.date.today()}, {platform.machine()} ({torch.backends.cpu.get_cpu_capability()}), "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}; shape {shape}"
+    )
