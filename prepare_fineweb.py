@@ -363,7 +363,7 @@ def tokenize(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     encoding = get_encoding()
     docs = [encode_ordinary_to_numpy(encoding, text) for text in texts]
     eot = np.array([EOT_ID], dtype=np.uint32)
-    tokens = np.concatenate([part for doc in docs for part in (eot, doc)]).astype(np.uint16)
+    tokens = np.concatenate([part for doc in docs for part in (eot, doc)], dtype=np.uint16)
     return tokens, np.array([len(doc) + 1 for doc in docs], dtype=np.int64)
 
 
