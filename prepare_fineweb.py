@@ -63,6 +63,8 @@ PARQUET_TASK_BYTES = 1_000_000
 PARQUET_TASK_ROWS = 1024
 READ_ROWS = 256  # rows decoded or converted from Arrow at a time
 TASKS_IN_FLIGHT = 4  # per worker; bounds memory however fast the source reads
+# what datasets' readers raise for a malformed local file: bad JSON (lone surrogates too), text that is not UTF-8
+UNREADABLE_FILE_ERRORS = (pa.ArrowException, UnicodeDecodeError)
 SKIPPED_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests"}  # tests are code, not prose
 
 
@@ -185,13 +187,34 @@ def describe(source: dict) -> str:
 
 def file_documents(files: list[str], text_column: str, skip: int) -> Iterator[str]:
     builder = DATA_FILE_FORMATS[Path(files[0]).suffix.lower()]
-    # a .txt file is one document, not one per line
-    options = {"sample_by": "document"} if builder == "text" else {}
     try:
-        dataset = load_dataset(builder, data_files=files, split="train", streaming=True, **options)
+        dataset = streamed_files(builder, files)
     except StopIteration:  # datasets' json reader, when every file is empty
         return
-    yield from dataset_texts(dataset, text_column, skip, describe({"kind": "files", "data_files": files}))
+    try:
+        yield from dataset_texts(dataset, text_column, skip, describe({"kind": "files", "data_files": files}))
+    except UNREADABLE_FILE_ERRORS as e:
+        raise UsageError(f"{unreadable_file(builder, files)}: cannot read it as {builder} ({one_line(e)})") from e
+
+
+def streamed_files(builder: str, files: list[str]) -> IterableDataset:
+    # a .txt file is one document, not one per line
+    options = {"sample_by": "document"} if builder == "text" else {}
+    return load_dataset(builder, data_files=files, split="train", streaming=True, **options)
+
+
+def unreadable_file(builder: str, files: list[str]) -> str:
+    """The first of `files` that fails to read on its own. Called once reading all of them failed: datasets' error
+    (a JSON syntax error, text that is not UTF-8) does not say which file it was in."""
+    for path in files:
+        try:
+            for _ in streamed_files(builder, [path]).with_format("arrow").iter(batch_size=READ_ROWS):
+                pass
+        except StopIteration:  # an empty json file
+            continue
+        except UNREADABLE_FILE_ERRORS:
+            return path
+    return describe({"kind": "files", "data_files": files})
 
 
 def hub_documents(dataset: str, config: str, split: str, text_column: str, skip: int) -> Iterator[str]:
@@ -476,6 +499,7 @@ def tokenized(
 
 def init_worker() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled by the main process, which ends the pool
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # how the main process's pool ends its workers
     get_encoding()
 
 
@@ -674,8 +698,13 @@ def prepare(args: argparse.Namespace) -> dict:
     return manifest
 
 
+def stop(signum: int, frame) -> None:
+    raise KeyboardInterrupt  # a job scheduler's SIGTERM ends the run as Ctrl-C does: the pool is ended, shards kept
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    previous_handler = signal.signal(signal.SIGTERM, stop)
     try:
         prepare(args)
     except UsageError as e:
@@ -686,6 +715,8 @@ def main(argv: list[str] | None = None) -> None:
             file=sys.stderr,
         )
         sys.exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
 
 
 if __name__ == "__main__":

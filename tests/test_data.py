@@ -5,8 +5,10 @@ import json
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -312,6 +314,28 @@ def test_resume_after_crash_keeps_complete_shards(tmp_path, jsonl, monkeypatch):
     assert files_of(out) == files_of(tmp_path / "reference")
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_to_the_main_process_keeps_complete_shards_and_the_rerun_resumes(tmp_path, signum, capsys):
+    out = tmp_path / "out"
+    argv = ["--source", "python_docs", "--max_tokens", "200000", "--shard_size", "30000", "--val_tokens", "5000"]
+    argv += ["--num_proc", "2", "--output_dir", str(out)]
+    command = [sys.executable, str(REPO / "prepare_fineweb.py"), *argv]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (out / "train_000000.bin").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signum)  # to the main process alone, as `kill` or a scheduler's first signal sends it
+    _, stderr = process.communicate(timeout=60)  # returns once every worker has closed its end of the pipe too
+    assert process.returncode == 130, stderr
+    assert "interrupted; complete shards are kept" in stderr and "Traceback" not in stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert not manifest["complete"] and manifest["shards"]
+    assert all(len(open_shard(out / shard["name"])) == shard["tokens"] for shard in manifest["shards"])
+
+    prepare_fineweb.main(argv)
+    assert f"(kept {len(manifest['shards'])} complete shards)" in capsys.readouterr().out
+
+
 def test_refuses_to_mix_sources_unless_overwrite(tmp_path, docs, jsonl):
     out = tmp_path / "out"
     prepare([jsonl], out)
@@ -376,6 +400,8 @@ def test_cli_missing_text_column_lists_columns(tmp_path, docs):
         ("numbers.jsonl", '{"text": 1}\n', "holds int64, not text"),
         ("null.jsonl", '{"text": "a"}\n{"text": null}\n', "missing (null) values"),
         ("small.jsonl", '{"text": "too short for a training shard"}\n', "all of them validation"),
+        ("syntax.jsonl", '{"text": "a"\n', "syntax.jsonl: cannot read it as json (JSON parse error"),
+        ("surrogate.jsonl", '{"text": "a \\ud800 b"}\n', "surrogate.jsonl: cannot read it as json (JSON parse error"),
     ],
 )
 def test_main_reports_input_mistakes_in_one_line(tmp_path, data_file, contents, message):
@@ -385,6 +411,25 @@ def test_main_reports_input_mistakes_in_one_line(tmp_path, data_file, contents, 
         prepare_fineweb.main(["--data_files", str(tmp_path / data_file), "--output_dir", str(tmp_path / "out")])
     assert exit_info.value.code not in (0, None)
     assert message in str(exit_info.value.code) and "\n" not in str(exit_info.value.code)
+
+
+@pytest.mark.parametrize(
+    "suffix, good, bad, message",
+    [
+        (".jsonl", '{"text": "fine"}\n', b'{"text": "a"} {"text"\n', "cannot read it as json (JSON parse error"),
+        (".txt", "fine", b"caf\xe9 in latin-1", "cannot read it as text ('utf-8' codec can't decode byte 0xe9"),
+    ],
+    ids=["jsonl", "txt"],
+)
+def test_main_names_the_unreadable_file_among_several(tmp_path, suffix, good, bad, message):
+    files = [tmp_path / f"part_{i}{suffix}" for i in range(3)]
+    files[0].write_text(good)
+    files[1].write_bytes(bad)
+    files[2].write_text(good)
+    with pytest.raises(SystemExit) as exit_info:
+        prepare_fineweb.main(["--data_files", *map(str, files), "--output_dir", str(tmp_path / "out")])
+    error = str(exit_info.value.code)
+    assert error.startswith(f"prepare_fineweb.py: error: {files[1]}: {message}") and "\n" not in error
 
 
 def corrupt_second_row_group(path: Path) -> None:
