@@ -31,6 +31,7 @@ import platform
 import signal
 import sys
 import sysconfig
+import threading
 import time
 import warnings
 from collections import deque
@@ -499,7 +500,7 @@ def tokenized(
 
 def init_worker() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled by the main process, which ends the pool
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # how the main process's pool ends its workers
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # Pool.terminate() relies on it; see sigterm_as_ctrl_c
     get_encoding()
 
 
@@ -509,6 +510,21 @@ def worker_pool(num_proc: int) -> contextlib.AbstractContextManager[Pool | None]
     # fork starts workers in milliseconds with the tokenizer loaded; spawn would re-import torch and datasets
     context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
     return context.Pool(num_proc, initializer=init_worker)
+
+
+@contextlib.contextmanager
+def sigterm_as_ctrl_c() -> Iterator[None]:
+    """SIGTERM (from `kill` or a job scheduler) ends the run as Ctrl-C does: the pool is ended, complete shards
+    are kept. Entered once the workers exist: a worker forked with this handler could swallow the SIGTERM with
+    which Pool.terminate() ends it, and hang the pool."""
+    if threading.current_thread() is not threading.main_thread():  # where Python can set signal handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # raises KeyboardInterrupt
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # -----------------------------------------------------------------------------
@@ -682,7 +698,7 @@ def prepare(args: argparse.Namespace) -> dict:
         return manifest
     kept = len(manifest["shards"])
     try:
-        with worker_pool(args.num_proc) as pool:
+        with worker_pool(args.num_proc) as pool, sigterm_as_ctrl_c():
             work, tasks = tokenizing_tasks(source, skip=stream_position(manifest)[0])
             clear_for_writing(output_dir, manifest, args.overwrite)
             written = write_shards(tokenized(work, tasks, pool, args.num_proc), manifest, output_dir)
@@ -698,13 +714,8 @@ def prepare(args: argparse.Namespace) -> dict:
     return manifest
 
 
-def stop(signum: int, frame) -> None:
-    raise KeyboardInterrupt  # a job scheduler's SIGTERM ends the run as Ctrl-C does: the pool is ended, shards kept
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    previous_handler = signal.signal(signal.SIGTERM, stop)
     try:
         prepare(args)
     except UsageError as e:
@@ -715,8 +726,6 @@ def main(argv: list[str] | None = None) -> None:
             file=sys.stderr,
         )
         sys.exit(130)
-    finally:
-        signal.signal(signal.SIGTERM, previous_handler)
 
 
 if __name__ == "__main__":

@@ -316,9 +316,11 @@ def test_resume_after_crash_keeps_complete_shards(tmp_path, jsonl, monkeypatch):
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_to_the_main_process_keeps_complete_shards_and_the_rerun_resumes(tmp_path, signum, capsys):
+    rng = random.Random(0)
+    long_docs = [" ".join(rng.choices(WORDS, k=1000)) for _ in range(3000)]  # ~4M tokens: seconds of work
+    (corpus,) = write_parquet_files(tmp_path, long_docs, [[500] * 6])  # read and tokenised by the workers
     out = tmp_path / "out"
-    argv = ["--source", "python_docs", "--max_tokens", "200000", "--shard_size", "30000", "--val_tokens", "5000"]
-    argv += ["--num_proc", "2", "--output_dir", str(out)]
+    argv = ["--data_files", str(corpus), "--shard_size", "100000", "--num_proc", "2", "--output_dir", str(out)]
     command = [sys.executable, str(REPO / "prepare_fineweb.py"), *argv]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
