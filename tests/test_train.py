@@ -23,8 +23,10 @@ from accelerate.commands.config.config_args import load_config_from_file
 from conftest import REPO_ROOT, tiny_model
 from safetensors.torch import load_file
 
+import hellaswag
 import train_accelerate
 from fineweb_shards import write_shard
+from gpt2_tokenizer import get_tokenizer
 
 SCRIPT = str(REPO_ROOT / "train_accelerate.py")
 LAUNCH_TWO = [
@@ -285,6 +287,15 @@ def test_bad_input_is_one_clear_line(corpus, tmp_path):
 
 # -----------------------------------------------------------------------------
 # in-process: arguments, schedule, optimizer, configs
+
+
+def test_a_truncated_cached_hellaswag_split_is_an_error_naming_it(tmp_path, monkeypatch):
+    monkeypatch.setenv(hellaswag.DATA_DIR_ENV, str(tmp_path))
+    cached = hellaswag.val_file_path()
+    cached.write_text("\n".join(json.dumps({**HELLASWAG_EXAMPLE, "label": i % 4}) for i in range(30)) + "\n")
+    args = train_accelerate.TrainArguments(hellaswag_interval=10)
+    with pytest.raises(hellaswag.HellaSwagError, match=f"{re.escape(str(cached))} has 30 examples, expected 10042"):
+        train_accelerate.load_hellaswag(args, get_tokenizer(), block_size=1024, log=print)
 
 
 def test_help_lists_training_and_model_arguments(capsys):
