@@ -6,6 +6,8 @@
 1. Overhead: a MoE layer of 8 experts, top-1, against the dense MLP of the same active FLOPs (width
    4 * n_embd), and top-2 against a dense MLP of twice that width; forward + backward of the layer
    alone, then a whole-model training step (forward + backward + fused AdamW, router losses included).
+   The layer is also split in two: its experts alone on pre-routed tokens against the dense MLP (the cost
+   of small per-expert matmuls), and the layer against its experts alone (the cost of routing and dispatch).
 2. Our sparse block against transformers' OlmoeSparseMoeBlock at the same hidden size, experts, top-k
    and router weights (so the same tokens go to the same experts). OLMoE experts are SwiGLU (three
    matrices), so its intermediate size is 2/3 of ours for the same active FLOPs. Every experts
@@ -98,6 +100,33 @@ def train_step_fn(model: GPTMoEForCausalLM, ids: torch.Tensor) -> Callable[[], N
     return step
 
 
+def pre_routed_experts_fn(moe: GPTMoESparseMoeBlock, x: torch.Tensor) -> Callable[[], None]:
+    """Forward and backward of the block's experts alone, on tokens already grouped by expert in the numbers
+    its router sends them: the same matmuls and activation as the eager experts, without the router, the
+    sort, the gather and the weighted scatter. What the MoE layer costs above this is routing and dispatch;
+    what this costs above the dense MLP is that of small per-expert matmuls over 3D weights."""
+    experts = moe.experts
+    with torch.no_grad():
+        _, _, top_k_index = moe.router(x.view(-1, x.shape[-1]))
+    tokens_per_expert = torch.bincount(top_k_index.reshape(-1), minlength=experts.num_experts).tolist()
+    routed = torch.randn(sum(tokens_per_expert), x.shape[-1], requires_grad=True)
+    grad_output = torch.randn_like(routed)
+
+    def run() -> None:
+        weights = (experts.up_proj, experts.up_proj_bias, experts.down_proj, experts.down_proj_bias)
+        outputs = [
+            torch.nn.functional.linear(experts.act_fn(torch.nn.functional.linear(tokens, up, up_bias)), down, bias)
+            for tokens, up, up_bias, down, bias in zip(
+                routed.split(tokens_per_expert), *(w.unbind() for w in weights), strict=True
+            )
+        ]
+        torch.cat(outputs).backward(grad_output)
+        moe.zero_grad(set_to_none=True)
+        routed.grad = None
+
+    return run
+
+
 def bench_overhead_layers(shape: dict) -> list[str]:
     rows = []
     for batch_size, top_k in itertools.product(shape["layer_batch_sizes"], (1, 2)):
@@ -109,13 +138,14 @@ def bench_overhead_layers(shape: dict) -> list[str]:
             for param in layer.parameters():
                 torch.nn.init.normal_(param, std=0.02)
         contenders = {i: with_experts_implementation(moe, i, fwd_bwd_fn(moe, x)) for i in EXPERTS_IMPLEMENTATIONS}
-        times = time_interleaved({**contenders, "dense": fwd_bwd_fn(dense, x)}, repeats=shape["repeats"], warmup=1)
+        contenders |= {"pre-routed": pre_routed_experts_fn(moe, x), "dense": fwd_bwd_fn(dense, x)}
+        times = time_interleaved(contenders, repeats=shape["repeats"], warmup=1)
+        layer = f"layer fwd+bwd, B={batch_size}: top-{top_k} of {NUM_EXPERTS}"
         for implementation in EXPERTS_IMPLEMENTATIONS:
-            name = (
-                f"layer fwd+bwd, B={batch_size}: top-{top_k} of {NUM_EXPERTS} (experts={implementation}) "
-                f"/ dense MLP {top_k * 4}H"
-            )
+            name = f"{layer} (experts={implementation}) / dense MLP {top_k * 4}H"
             rows.append(ratio_row(name, times[implementation], times["dense"]))
+        rows.append(ratio_row(f"{layer}: experts alone, pre-routed / dense MLP", times["pre-routed"], times["dense"]))
+        rows.append(ratio_row(f"{layer} (experts=eager) / experts alone", times["eager"], times["pre-routed"]))
     return rows
 
 
