@@ -387,15 +387,28 @@ def test_hidden_states_attentions_and_tuple_outputs():
     torch.testing.assert_close(as_tuple[0], model(ids, labels=ids).loss)
 
 
-def test_gradient_checkpointing_gives_same_gradients():
+def enable_activation_checkpointing(model: GPTMoEForCausalLM) -> None:
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.23
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # deprecated from 5.23 on, the only name in 5.17 (the GPU image)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def test_gradient_checkpointing_recomputes_blocks_and_gives_same_gradients():
     ids = random_ids(2, 12)
-    grads = []
+    grads, block_calls = [], []
     for checkpointing in (False, True):
         model = tiny_model(seed=14).train()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
+        # a module inside the block: from 5.23 on, the block's own hooks stay outside the checkpoint
+        ln_1_calls = []
+        model.transformer.h[0].ln_1.register_forward_hook(lambda *_, calls=ln_1_calls: calls.append(1))
         model(ids, labels=ids).loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters()})
+        block_calls.append(len(ln_1_calls))
+    assert block_calls == [1, 2]  # checkpointing is on: the block ran again in the backward
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, msg=name)
 
