@@ -24,6 +24,7 @@ import functools
 import glob
 import itertools
 import json
+import logging
 import math
 import multiprocessing
 import os
@@ -64,8 +65,9 @@ PARQUET_TASK_BYTES = 1_000_000
 PARQUET_TASK_ROWS = 1024
 READ_ROWS = 256  # rows decoded or converted from Arrow at a time
 TASKS_IN_FLIGHT = 4  # per worker; bounds memory however fast the source reads
-# what datasets' readers raise for a malformed local file: bad JSON (lone surrogates too), text that is not UTF-8
-UNREADABLE_FILE_ERRORS = (pa.ArrowException, UnicodeDecodeError)
+# what datasets' readers raise for a malformed local file: bad JSON (pyarrow's reader for .jsonl, ujson's ValueError
+# for a .json array), a lone surrogate escape, text that is not UTF-8 (UnicodeDecodeError, a ValueError)
+UNREADABLE_FILE_ERRORS = (pa.ArrowException, ValueError)
 SKIPPED_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests"}  # tests are code, not prose
 
 
@@ -207,15 +209,30 @@ def streamed_files(builder: str, files: list[str]) -> IterableDataset:
 def unreadable_file(builder: str, files: list[str]) -> str:
     """The first of `files` that fails to read on its own. Called once reading all of them failed: datasets' error
     (a JSON syntax error, text that is not UTF-8) does not say which file it was in."""
-    for path in files:
-        try:
-            for _ in streamed_files(builder, [path]).with_format("arrow").iter(batch_size=READ_ROWS):
-                pass
-        except StopIteration:  # an empty json file
-            continue
-        except UNREADABLE_FILE_ERRORS:
-            return path
+    if len(files) == 1:
+        return files[0]
+    print(f"prepare_fineweb.py: reading the {len(files)} files one by one to find the unreadable one", file=sys.stderr)
+    datasets_logger = logging.getLogger("datasets")
+    level = datasets_logger.level
+    datasets_logger.setLevel(logging.CRITICAL)  # it already logged the failure once
+    try:
+        for path in files:
+            if not is_readable(builder, path):
+                return path
+    finally:
+        datasets_logger.setLevel(level)
     return describe({"kind": "files", "data_files": files})
+
+
+def is_readable(builder: str, path: str) -> bool:
+    try:
+        for table in streamed_files(builder, [path]).with_format("arrow").iter(batch_size=READ_ROWS):
+            table.validate(full=True)  # checks the UTF-8 that pyarrow's JSON reader lets through
+    except StopIteration:  # an empty json file
+        return True
+    except UNREADABLE_FILE_ERRORS:
+        return False
+    return True
 
 
 def hub_documents(dataset: str, config: str, split: str, text_column: str, skip: int) -> Iterator[str]:
@@ -500,7 +517,9 @@ def tokenized(
 
 def init_worker() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled by the main process, which ends the pool
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # Pool.terminate() relies on it; see sigterm_as_ctrl_c
+    # Pool.terminate() ends workers with SIGTERM: keep its default action in a worker forked while the main process
+    # had a handler for it (one the pool re-creates after sigterm_as_ctrl_c, or a caller's own)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     get_encoding()
 
 
@@ -512,6 +531,14 @@ def worker_pool(num_proc: int) -> contextlib.AbstractContextManager[Pool | None]
     return context.Pool(num_proc, initializer=init_worker)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C; the exit status still says which signal it was."""
+
+
+def raise_terminated(signum: int, frame) -> None:
+    raise Terminated
+
+
 @contextlib.contextmanager
 def sigterm_as_ctrl_c() -> Iterator[None]:
     """SIGTERM (from `kill` or a job scheduler) ends the run as Ctrl-C does: the pool is ended, complete shards
@@ -520,7 +547,7 @@ def sigterm_as_ctrl_c() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():  # where Python can set signal handlers
         yield
         return
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # raises KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         yield
     finally:
@@ -720,12 +747,12 @@ def main(argv: list[str] | None = None) -> None:
         prepare(args)
     except UsageError as e:
         sys.exit(f"prepare_fineweb.py: error: {e}")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         print(
             "\nprepare_fineweb.py: interrupted; complete shards are kept: re-run the command to resume",
             file=sys.stderr,
         )
-        sys.exit(130)
+        sys.exit(128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT))
 
 
 if __name__ == "__main__":

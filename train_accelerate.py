@@ -258,9 +258,8 @@ def load_hellaswag(
     if not path.is_file() and not args.hellaswag_file:
         log(f"HellaSwag skipped: no data at {path} (`python -c 'import hellaswag; hellaswag.load_examples()'`)")
         return None
-    # a file given by flag may be any subset; the cached split must be whole, or the accuracy means nothing
-    raw = hellaswag.load_examples(path) if args.hellaswag_file else hellaswag.read_val_file(path)
-    examples = hellaswag.render_examples(raw, tokenizer)
+    # the cached split is checked to be whole (a file given by flag may be any subset)
+    examples = hellaswag.render_examples(hellaswag.load_examples(args.hellaswag_file), tokenizer)
     longest = max(len(sequence) for example in examples for sequence in example.sequences)
     if longest > block_size:
         log(f"HellaSwag skipped: its examples need {longest} positions, the model has block_size {block_size}")

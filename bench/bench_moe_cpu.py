@@ -8,6 +8,7 @@
    alone, then a whole-model training step (forward + backward + fused AdamW, router losses included).
    The layer is also split in two: its experts alone on pre-routed tokens against the dense MLP (the cost
    of small per-expert matmuls), and the layer against its experts alone (the cost of routing and dispatch).
+   One matmul of the experts is timed alone too, against the dense one, at 1 thread and at the default count.
 2. Our sparse block against transformers' OlmoeSparseMoeBlock at the same hidden size, experts, top-k
    and router weights (so the same tokens go to the same experts). OLMoE experts are SwiGLU (three
    matrices), so its intermediate size is 2/3 of ours for the same active FLOPs. Every experts
@@ -144,8 +145,41 @@ def bench_overhead_layers(shape: dict) -> list[str]:
         for implementation in EXPERTS_IMPLEMENTATIONS:
             name = f"{layer} (experts={implementation}) / dense MLP {top_k * 4}H"
             rows.append(ratio_row(name, times[implementation], times["dense"]))
-        rows.append(ratio_row(f"{layer}: experts alone, pre-routed / dense MLP", times["pre-routed"], times["dense"]))
+        name = f"{layer}: experts alone, pre-routed / dense MLP {top_k * 4}H"
+        rows.append(ratio_row(name, times["pre-routed"], times["dense"]))
         rows.append(ratio_row(f"{layer} (experts=eager) / experts alone", times["eager"], times["pre-routed"]))
+    return rows
+
+
+def expert_matmuls(tokens: int, hidden: int) -> dict[str, Callable[[], object]]:
+    """Freshly allocated inputs and weights, and the three ways to multiply them that bench_expert_matmuls times."""
+    weights, inputs = torch.randn(NUM_EXPERTS, 4 * hidden, hidden), torch.randn(tokens, hidden)
+    routed = inputs.split(tokens // NUM_EXPERTS)
+    return {
+        "experts": lambda: [x @ w.t() for x, w in zip(routed, weights.unbind(), strict=True)],
+        "one weight": lambda: [x @ weights[0].t() for x in routed],
+        "dense": lambda: inputs @ weights[0].t(),
+    }
+
+
+def bench_expert_matmuls(shape: dict) -> list[str]:
+    """The first matmul of a top-1 layer with B x T tokens evenly split over the experts, against the dense MLP's:
+    with the experts' own weights, then with one weight for all (what reading E weights instead of one costs),
+    at 1 thread and at the default thread count. A dense matmul's speed here depends on where its tensors were
+    allocated (12.6 or 15.6 ms in two processes), so every round allocates them afresh."""
+    hidden, tokens = shape["n_embd"], shape["layer_batch_sizes"][0] * shape["seq_len"]
+    rows, threads = [], torch.get_num_threads()
+    for num_threads in sorted({1, threads}):
+        torch.set_num_threads(num_threads)
+        times = {"experts": [], "one weight": [], "dense": []}
+        for _ in range(5 * shape["repeats"]):
+            contenders = expert_matmuls(tokens, hidden)
+            for name, round_times in time_interleaved(contenders, repeats=1, warmup=1).items():
+                times[name] += round_times
+        for name in ("experts", "one weight"):
+            label = f"{NUM_EXPERTS} matmuls of {tokens // NUM_EXPERTS} rows ({name}) / one of {tokens}"
+            rows.append(ratio_row(f"{label}, {num_threads} thread(s)", times[name], times["dense"]))
+    torch.set_num_threads(threads)
     return rows
 
 
@@ -225,14 +259,16 @@ def bench_vs_olmoe(shape: dict) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny shapes, few repetitions")
-    parser.add_argument("--only", nargs="+", choices=("layers", "models", "olmoe"), default=None)
+    parser.add_argument("--only", nargs="+", choices=("layers", "matmuls", "models", "olmoe"), default=None)
     args = parser.parse_args()
     shape = QUICK if args.quick else FULL
-    only = args.only or ("layers", "models", "olmoe")
+    only = args.only or ("layers", "matmuls", "models", "olmoe")
     print(cpu_header(shape))
     rows = []
     if "layers" in only:
         rows += bench_overhead_layers(shape)
+    if "matmuls" in only:
+        rows += bench_expert_matmuls(shape)
     if "models" in only:
         rows += bench_overhead_models(shape)
     if "olmoe" in only:

@@ -317,18 +317,22 @@ def test_resume_after_crash_keeps_complete_shards(tmp_path, jsonl, monkeypatch):
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_to_the_main_process_keeps_complete_shards_and_the_rerun_resumes(tmp_path, signum, capsys):
     rng = random.Random(0)
-    long_docs = [" ".join(rng.choices(WORDS, k=1000)) for _ in range(3000)]  # ~4M tokens: seconds of work
-    (corpus,) = write_parquet_files(tmp_path, long_docs, [[500] * 6])  # read and tokenised by the workers
+    long_docs = [" ".join(rng.choices(WORDS, k=1000)) for _ in range(1000)] * 10  # ~13M tokens: 2 s of work here
+    (corpus,) = write_parquet_files(tmp_path, long_docs, [[500] * 20])  # read and tokenised by the workers
     out = tmp_path / "out"
     argv = ["--data_files", str(corpus), "--shard_size", "100000", "--num_proc", "2", "--output_dir", str(out)]
     command = [sys.executable, str(REPO / "prepare_fineweb.py"), *argv]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not (out / "train_000000.bin").exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signum)  # to the main process alone, as `kill` or a scheduler's first signal sends it
-    _, stderr = process.communicate(timeout=60)  # returns once every worker has closed its end of the pipe too
-    assert process.returncode == 130, stderr
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "train_000000.bin").exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert process.poll() is None, "the run ended before the signal: give it more documents"
+        process.send_signal(signum)  # to the main process alone, as `kill` or a scheduler's first signal sends it
+        _, stderr = process.communicate(timeout=60)  # returns once every worker has closed its end of the pipe too
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signum, stderr
     assert "interrupted; complete shards are kept" in stderr and "Traceback" not in stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert not manifest["complete"] and manifest["shards"]
@@ -419,9 +423,11 @@ def test_main_reports_input_mistakes_in_one_line(tmp_path, data_file, contents, 
     "suffix, good, bad, message",
     [
         (".jsonl", '{"text": "fine"}\n', b'{"text": "a"} {"text"\n', "cannot read it as json (JSON parse error"),
+        (".jsonl", '{"text": "fine"}\n', b'{"text": "caf\xe9"}\n', "cannot read it as json ('utf-8' codec can't"),
+        (".json", '[{"text": "fine"}]', b'[{"text": "a"}, {"text": ', "cannot read it as json (Expected object"),
         (".txt", "fine", b"caf\xe9 in latin-1", "cannot read it as text ('utf-8' codec can't decode byte 0xe9"),
     ],
-    ids=["jsonl", "txt"],
+    ids=["jsonl syntax", "jsonl latin-1", "json array syntax", "txt latin-1"],
 )
 def test_main_names_the_unreadable_file_among_several(tmp_path, suffix, good, bad, message):
     files = [tmp_path / f"part_{i}{suffix}" for i in range(3)]

@@ -389,9 +389,9 @@ def test_hidden_states_attentions_and_tuple_outputs():
 
 def enable_activation_checkpointing(model: GPTMoEForCausalLM) -> None:
     kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.23
+    if hasattr(model, "activation_checkpointing_enable"):  # the name in 5.23 (not in 5.17)
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:  # deprecated from 5.23 on, the only name in 5.17 (the GPU image)
+    else:  # deprecated in 5.23, the only name in 5.17 (the GPU image)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
