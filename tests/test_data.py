@@ -81,6 +81,11 @@ def read_split(output_dir: Path, split: str) -> np.ndarray:
     return np.concatenate([open_shard(p) for p in find_shards(output_dir, split)])
 
 
+def read_stream(output_dir: Path) -> np.ndarray:
+    """Every token written, in stream order: validation first, then training."""
+    return np.concatenate([read_split(output_dir, "val"), read_split(output_dir, "train")])
+
+
 def files_of(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
 
@@ -142,7 +147,7 @@ def test_file_formats_give_the_same_tokens(tmp_path, docs, suffix):
             path.write_text(doc, encoding="utf-8")
         files = [tmp_path / "doc_*.txt"]
     prepare(files, tmp_path / "out")
-    stream = np.concatenate([read_split(tmp_path / "out", "val"), read_split(tmp_path / "out", "train")])
+    stream = read_stream(tmp_path / "out")
     np.testing.assert_array_equal(stream, token_stream(docs))
 
 
@@ -199,7 +204,7 @@ def test_parquet_text_column_after_a_struct_column(tmp_path, docs):
     text = pq.read_metadata(path).row_group(0).column(2)
     assert text.path_in_schema == "text" and (rows, size) == (len(docs), text.total_uncompressed_size)
     prepare([path], tmp_path / "out")
-    stream = np.concatenate([read_split(tmp_path / "out", "val"), read_split(tmp_path / "out", "train")])
+    stream = read_stream(tmp_path / "out")
     np.testing.assert_array_equal(stream, token_stream(docs))
 
 
@@ -217,7 +222,7 @@ def test_parquet_max_tokens_stops_in_the_middle_of_a_file(tmp_path, docs, parque
     manifest = prepare(parquet_files, tmp_path / "out", "--max_tokens", "4000", "--num_proc", "2")
     assert [s["tokens"] for s in manifest["shards"]] == [1500, 1500, 1000] and manifest["complete"]
     assert 54 < manifest["documents"] < 174  # inside the large row group of the third file
-    stream = np.concatenate([read_split(tmp_path / "out", "val"), read_split(tmp_path / "out", "train")])
+    stream = read_stream(tmp_path / "out")
     np.testing.assert_array_equal(stream, token_stream(docs)[:4000])
 
 
@@ -249,7 +254,7 @@ def test_parquet_file_rewritten_in_place_between_two_runs_gives_the_new_text(tmp
     new = [doc.upper() + "!" for doc in docs]
     write_parquet_files(tmp_path, new, [[len(docs)]])
     prepare([path], tmp_path / "new")
-    stream = np.concatenate([read_split(tmp_path / "new", "val"), read_split(tmp_path / "new", "train")])
+    stream = read_stream(tmp_path / "new")
     np.testing.assert_array_equal(stream, token_stream(new))
     monkeypatch.undo()
     prepare_fineweb.row_group_reader.cache_clear()  # closes the file
