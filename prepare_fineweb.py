@@ -167,7 +167,12 @@ def tokenizing_tasks(source: dict, skip: int) -> tuple[Callable, Iterator]:
 
 
 def is_local_parquet(source: dict) -> bool:
-    return source["kind"] == "files" and DATA_FILE_FORMATS[Path(source["data_files"][0]).suffix.lower()] == "parquet"
+    return source["kind"] == "files" and file_format(source["data_files"]) == "parquet"
+
+
+def file_format(files: list[str]) -> str:
+    """The datasets builder that reads `files` (all of one format: see resolve_data_files)."""
+    return DATA_FILE_FORMATS[Path(files[0]).suffix.lower()]
 
 
 def open_documents(source: dict, skip: int) -> Iterator[str]:
@@ -189,7 +194,7 @@ def describe(source: dict) -> str:
 
 
 def file_documents(files: list[str], text_column: str, skip: int) -> Iterator[str]:
-    builder = DATA_FILE_FORMATS[Path(files[0]).suffix.lower()]
+    builder = file_format(files)
     try:
         dataset = streamed_files(builder, files)
     except StopIteration:  # datasets' json reader, when every file is empty
