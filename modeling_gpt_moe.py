@@ -165,6 +165,12 @@ class GPTMoEExperts(nn.Module):
         tokens_per_expert = torch.bincount(expert_ids, minlength=self.num_experts).tolist()
         # index_select, not hidden_states[...]: its backward is an index_add, several times faster on CPU
         routed = hidden_states.index_select(0, order // top_k).split(tokens_per_expert)  # E slices of (n_e, H)
+        sorted_outputs = torch.cat(self.expert_mlps(routed)) * top_k_weights.reshape(-1)[order, None]
+        outputs = sorted_outputs.new_empty(sorted_outputs.shape).index_copy(0, order, sorted_outputs)
+        return outputs.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)  # (N, H)
+
+    def expert_mlps(self, routed: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        """Expert e's MLP applied to routed[e], the (n_e, H) tokens sent to it."""
         # unbind, not up_proj[e]: indexing in the loop makes backward build E zero-filled (E, I, H) gradients
         weights = (
             self.up_proj.unbind(),
@@ -172,13 +178,10 @@ class GPTMoEExperts(nn.Module):
             self.down_proj.unbind(),
             self.down_proj_bias.unbind(),
         )
-        expert_outputs = [
+        return [
             F.linear(self.act_fn(F.linear(x, up, up_bias)), down, down_bias)
             for x, up, up_bias, down, down_bias in zip(routed, *weights, strict=True)
         ]
-        sorted_outputs = torch.cat(expert_outputs) * top_k_weights.reshape(-1)[order, None]
-        outputs = sorted_outputs.new_empty(sorted_outputs.shape).index_copy(0, order, sorted_outputs)
-        return outputs.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)  # (N, H)
 
 
 class GPTMoESparseMoeBlock(nn.Module):

@@ -103,8 +103,8 @@ def train_step_fn(model: GPTMoEForCausalLM, ids: torch.Tensor) -> Callable[[], N
 
 def pre_routed_experts_fn(moe: GPTMoESparseMoeBlock, x: torch.Tensor) -> Callable[[], None]:
     """Forward and backward of the block's experts alone, on tokens already grouped by expert in the numbers
-    its router sends them: the same matmuls and activation as the eager experts, without the router, the
-    sort, the gather and the weighted scatter. What the MoE layer costs above this is routing and dispatch;
+    its router sends them: the eager experts' own expert_mlps, without the router, the sort, the gather and
+    the weighted scatter. What the MoE layer costs above this is routing and dispatch;
     what this costs above the dense MLP is that of small per-expert matmuls over 3D weights."""
     experts = moe.experts
     with torch.no_grad():
@@ -114,14 +114,7 @@ def pre_routed_experts_fn(moe: GPTMoESparseMoeBlock, x: torch.Tensor) -> Callabl
     grad_output = torch.randn_like(routed)
 
     def run() -> None:
-        weights = (experts.up_proj, experts.up_proj_bias, experts.down_proj, experts.down_proj_bias)
-        outputs = [
-            torch.nn.functional.linear(experts.act_fn(torch.nn.functional.linear(tokens, up, up_bias)), down, bias)
-            for tokens, up, up_bias, down, bias in zip(
-                routed.split(tokens_per_expert), *(w.unbind() for w in weights), strict=True
-            )
-        ]
-        torch.cat(outputs).backward(grad_output)
+        torch.cat(experts.expert_mlps(routed.split(tokens_per_expert))).backward(grad_output)
         moe.zero_grad(set_to_none=True)
         routed.grad = None
 
