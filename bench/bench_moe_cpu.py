@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from bench_model_cpu import train_step_fn
 from timing import cpu_header, ratio_row, time_interleaved
 from transformers import OlmoeConfig
 from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock
@@ -88,17 +89,6 @@ def fwd_bwd_fn(layer: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
         x.grad = None
 
     return run
-
-
-def train_step_fn(model: GPTMoEForCausalLM, ids: torch.Tensor) -> Callable[[], None]:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
-
-    def step() -> None:
-        model(ids, labels=ids, use_cache=False).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
 
 
 def pre_routed_experts_fn(moe: GPTMoESparseMoeBlock, x: torch.Tensor) -> Callable[[], None]:
@@ -183,9 +173,10 @@ def bench_overhead_models(shape: dict) -> list[str]:
         torch.manual_seed(0)
         moe = GPTMoEForCausalLM(gpt_moe_config(shape, num_experts_per_tok=top_k))
         dense = GPTMoEForCausalLM(gpt_moe_config(shape, use_moe=False, n_inner=top_k * 4 * shape["n_embd"]))
-        step = train_step_fn(moe, ids)
+        step = train_step_fn(moe, ids, bf16=False)
         contenders = {i: with_experts_implementation(moe, i, step) for i in EXPERTS_IMPLEMENTATIONS}
-        times = time_interleaved({**contenders, "dense": train_step_fn(dense, ids)}, repeats=shape["repeats"])
+        contenders["dense"] = train_step_fn(dense, ids, bf16=False)
+        times = time_interleaved(contenders, repeats=shape["repeats"])
         for implementation in EXPERTS_IMPLEMENTATIONS:
             name = f"model train step: top-{top_k} of {NUM_EXPERTS} (experts={implementation}) / dense {top_k * 4}H"
             rows.append(ratio_row(name, times[implementation], times["dense"]))
