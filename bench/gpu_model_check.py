@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import torch
-from timing import time_interleaved
+from timing import synchronizer, time_interleaved
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -28,10 +28,6 @@ def build_model(args: argparse.Namespace) -> GPTMoEForCausalLM:
     config = GPTMoEConfig(vocab_size=50304, num_experts=8, num_experts_per_tok=2, **shape)
     torch.manual_seed(0)
     return GPTMoEForCausalLM(config).to(args.device, torch.bfloat16)
-
-
-def synchronize_for(ids: torch.Tensor):
-    return torch.cuda.synchronize if ids.is_cuda else lambda: None
 
 
 def train_step(model: GPTMoEForCausalLM, ids: torch.Tensor, implementation: str):
@@ -50,7 +46,7 @@ def compare_experts_implementations(model: GPTMoEForCausalLM, ids: torch.Tensor,
         with torch.no_grad():
             logits[implementation] = model(ids).logits.float()
     steps = {name: train_step(model, ids, name) for name in EXPERTS_IMPLEMENTATIONS}
-    times = time_interleaved(steps, reps, synchronize=synchronize_for(ids))
+    times = time_interleaved(steps, reps, synchronize=synchronizer(ids.device))
     eager_ms = statistics.median(times["eager"]) * 1e3
     rows = []
     for implementation in EXPERTS_IMPLEMENTATIONS:
@@ -83,7 +79,7 @@ def compiled_forward_check(model: GPTMoEForCausalLM, ids: torch.Tensor, reps: in
         logits = compiled(ids).logits.float()
         compile_s = time.perf_counter() - start
         contenders = {"eager": lambda: model(ids), "compiled": lambda: compiled(ids)}
-        times = time_interleaved(contenders, reps, synchronize=synchronize_for(ids))
+        times = time_interleaved(contenders, reps, synchronize=synchronizer(ids.device))
     speedup = statistics.median(times["eager"]) / statistics.median(times["compiled"])
     # bf16 near-ties can flip a token's expert choice, so report the typical (median) difference too
     diff = (logits - reference).abs()

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from timing import paired_ratio, time_interleaved
+from timing import paired_ratio, synchronizer, time_interleaved
 from transformers import GPT2Config, GPT2LMHeadModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -134,15 +134,10 @@ class Trainer:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def matmul_flops(device: str, size: int) -> float:
     """Measured bf16 matmul rate on random (not zero) inputs: the practical ceiling."""
     a, b = (torch.randn(size, size, device=device, dtype=torch.bfloat16) for _ in range(2))
-    times = time_interleaved({"mm": lambda: a @ b}, repeats=20, warmup=3, synchronize=lambda: synchronize(device))
+    times = time_interleaved({"mm": lambda: a @ b}, repeats=20, warmup=3, synchronize=synchronizer(device))
     return 2 * size**3 / statistics.median(times["mm"])
 
 
@@ -171,7 +166,7 @@ def benchmark(variants: list[Variant], trainers: dict, ids: torch.Tensor, args: 
     contenders = {variant.name: contender(variant) for variant in variants}
     # two warm-up rounds, one in each order: compiled models share code with each other, and a variant
     # can recompile the first time it runs after another one
-    times = time_interleaved(contenders, args.repeats, warmup=2, synchronize=lambda: synchronize(args.device))
+    times = time_interleaved(contenders, args.repeats, warmup=2, synchronize=synchronizer(args.device))
     return {"times": times, "peaks": peaks, "errors": errors}
 
 

@@ -34,6 +34,11 @@ def time_interleaved(
     return times
 
 
+def synchronizer(device: str | torch.device) -> Callable[[], None]:
+    """What time_interleaved must call around each run on `device`: CUDA runs asynchronously, a CPU does not."""
+    return torch.cuda.synchronize if torch.device(device).type == "cuda" else lambda: None
+
+
 def paired_ratio(times: list[float], reference_times: list[float]) -> tuple[float, float, float]:
     """Median and quartiles of the per-round ratios time / reference time (runs of one round are adjacent)."""
     ratios = sorted(t / r for t, r in zip(times, reference_times, strict=True))
