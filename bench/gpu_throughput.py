@@ -21,6 +21,7 @@ import argparse
 import datetime
 import statistics
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,33 +142,50 @@ def matmul_flops(device: str, size: int) -> float:
     return 2 * size**3 / statistics.median(times["mm"])
 
 
-def benchmark(variants: list[Variant], trainers: dict, ids: torch.Tensor, args: argparse.Namespace) -> dict:
+def benchmark(variants: list[Variant], trainers: dict, ids: torch.Tensor, args: argparse.Namespace, report) -> dict:
     """Seconds per `args.steps` steps and peak bytes of every variant, interleaved; a variant that fails
-    reports its error instead of ending the run."""
-    peaks, errors = {}, {}
+    reports its error instead of ending the run. Prints progress, and calls `report(results so far)` after
+    every timed round, so a run stopped early still leaves the rounds it finished."""
+    results = {"times": {}, "peaks": {}, "errors": {}}
+    first_call_s = {}
 
     def contender(variant: Variant):
         trainer = trainers[variant.model]
 
         def run() -> None:
-            if variant.name in errors:
+            if variant.name in results["errors"]:
                 return
+            start = time.perf_counter()
             try:
                 peak = trainer.steps(variant, ids)
             except (RuntimeError, torch.OutOfMemoryError) as error:
-                errors[variant.name] = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+                results["errors"][variant.name] = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
                 trainer.optimizer.zero_grad(set_to_none=True)
                 return
+            first_call_s.setdefault(variant.name, time.perf_counter() - start)
             if peak is not None:
-                peaks[variant.name] = max(peaks.get(variant.name, 0), peak)
+                results["peaks"][variant.name] = max(results["peaks"].get(variant.name, 0), peak)
 
         return run
+
+    warmup, started = 2, time.perf_counter()
+
+    def after_round(round_index: int, times: dict) -> None:
+        if round_index == 0:
+            print("first calls, compilation included: " + ", ".join(f"{n} {s:.0f} s" for n, s in first_call_s.items()))
+        warming = round_index < warmup
+        done = f"warm-up round {round_index + 1}/{warmup}" if warming else f"round {round_index - warmup + 1}"
+        print(f"{done} done, {time.perf_counter() - started:.0f} s since the start", flush=True)
+        if not warming:
+            report({**results, "times": times})
 
     contenders = {variant.name: contender(variant) for variant in variants}
     # two warm-up rounds, one in each order: compiled models share code with each other, and a variant
     # can recompile the first time it runs after another one
-    times = time_interleaved(contenders, args.repeats, warmup=2, synchronize=synchronizer(args.device))
-    return {"times": times, "peaks": peaks, "errors": errors}
+    results["times"] = time_interleaved(
+        contenders, args.repeats, warmup=warmup, synchronize=synchronizer(args.device), after_round=after_round
+    )
+    return results
 
 
 def table_header(args: argparse.Namespace) -> list[str]:
@@ -212,9 +230,20 @@ def fits(trainer: Trainer, variant: Variant, ids: torch.Tensor) -> bool:
         return False
 
 
-def max_batch(args: argparse.Namespace, shape: dict) -> list[str]:
+def time_alone(trainer: Trainer, variant: Variant, shape: dict, args: argparse.Namespace, write) -> list[str]:
+    """The table row of `variant` timed alone at `shape`; `write(row so far)` after every timed round."""
+    trainers = {variant.model: trainer}
+    ids = torch.randint(0, shape["vocab_size"], (shape["batch_size"], shape["seq_len"]), device=args.device)
+
+    def rows(results: dict) -> list[str]:
+        return table_rows([variant], trainers, results, shape, args)
+
+    return rows(benchmark([variant], trainers, ids, args, report=lambda results: write(rows(results))))
+
+
+def max_batch(args: argparse.Namespace, shape: dict, write) -> list[str]:
     """For each model alone on the device: the largest micro-batch an eager step fits (a compiled step needs no
-    more memory), then its compiled variant timed at that batch."""
+    more memory), then its compiled variant timed at that batch. `write(rows)` gets the table so far."""
     candidates = (2, 4) if args.quick else (16, 24, 32, 48, 64, 96, 128)
     rows = []
     for name in (PEER, *MODELS):
@@ -226,17 +255,30 @@ def max_batch(args: argparse.Namespace, shape: dict) -> list[str]:
             if not fits(trainer, Variant(name, compiled=False, experts=experts), ids):
                 break
             largest = batch_size
+        print(f"{name}: largest micro-batch {largest}", flush=True)
         if largest is None:
             rows.append(f"| {name} | < {candidates[0]} | does not fit |")
         else:
-            ids = torch.randint(0, shape["vocab_size"], (largest, shape["seq_len"]), device=args.device)
             variant = Variant(name, compiled=True, experts=experts)
-            results = benchmark([variant], {name: trainer}, ids, args)
-            rows += table_rows([variant], {name: trainer}, results, {**shape, "batch_size": largest}, args)
+            at_largest = {**shape, "batch_size": largest}
+            rows += time_alone(trainer, variant, at_largest, args, lambda done, earlier=rows: write(earlier + done))
+        write(rows)
         del trainer
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return rows
+
+
+def table_writer(path: str | None, heading: list[str]):
+    """`write(rows)`: the heading and `rows` into `path` (markdown), replaced whole so it is never half written."""
+
+    def write(rows: list[str]) -> None:
+        if path:
+            temporary = Path(f"{path}.tmp")
+            temporary.write_text("\n".join(heading + rows) + "\n")
+            temporary.replace(path)
+
+    return write
 
 
 def main() -> None:
@@ -246,6 +288,9 @@ def main() -> None:
     parser.add_argument("--precision", choices=("autocast", "bf16"), default="autocast")
     parser.add_argument("--max_batch", action="store_true", help="find the largest micro-batch per model instead")
     parser.add_argument("--only", nargs="+", default=None, help="variants whose name contains one of these")
+    parser.add_argument(
+        "--output", default=None, help="also write the table to this markdown file, updated after every timed round"
+    )
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("error: no CUDA device here; run with --device cpu --quick to check the script itself.")
@@ -254,19 +299,27 @@ def main() -> None:
     torch.set_float32_matmul_precision("high")  # as train_accelerate.py: TF32 for fp32 matmuls outside autocast
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     args.matmul_rate = matmul_flops(args.device, 256 if args.quick else 8192)
-    print(
+    heading = [
         f"{datetime.date.today()}, {device_name}, torch {torch.__version__}, precision {args.precision}; "
-        f"shape {shape}; measured bf16 matmul {args.matmul_rate / 1e12:.3g} TFLOP/s"
-    )
+        f"shape {shape}; measured bf16 matmul {args.matmul_rate / 1e12:.3g} TFLOP/s",
+        "",
+        *table_header(args),
+    ]
+    print(heading[0], flush=True)
+    write = table_writer(args.output, heading)
     if args.max_batch:
-        print("\n".join(table_header(args) + max_batch(args, shape)))
-        return
-    variants = [v for v in VARIANTS if not args.only or any(word in v.name for word in args.only)]
-    models = dict.fromkeys(variant.model for variant in variants)
-    trainers = {name: Trainer(build_model(name, shape, args.device, args.precision), args) for name in models}
-    ids = torch.randint(0, shape["vocab_size"], (shape["batch_size"], shape["seq_len"]), device=args.device)
-    results = benchmark(variants, trainers, ids, args)
-    print("\n".join(table_header(args) + table_rows(variants, trainers, results, shape, args)))
+        rows = max_batch(args, shape, write)
+    else:
+        variants = [v for v in VARIANTS if not args.only or any(word in v.name for word in args.only)]
+        models = dict.fromkeys(variant.model for variant in variants)
+        trainers = {name: Trainer(build_model(name, shape, args.device, args.precision), args) for name in models}
+        ids = torch.randint(0, shape["vocab_size"], (shape["batch_size"], shape["seq_len"]), device=args.device)
+        results = benchmark(
+            variants, trainers, ids, args, report=lambda done: write(table_rows(variants, trainers, done, shape, args))
+        )
+        rows = table_rows(variants, trainers, results, shape, args)
+        write(rows)
+    print("\n".join(heading[1:] + rows))
 
 
 if __name__ == "__main__":

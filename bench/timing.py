@@ -16,10 +16,12 @@ def time_interleaved(
     repeats: int,
     warmup: int = 1,
     synchronize: Callable[[], None] = lambda: None,
+    after_round: Callable[[int, dict[str, list[float]]], None] = lambda round_index, times: None,
 ) -> dict[str, list[float]]:
     """Seconds per call of each contender over `repeats` rounds, after `warmup` untimed rounds.
 
     Odd rounds reverse the order, so no contender always runs right after the same other one.
+    `after_round(round_index, times so far)` runs after every round, warm-up ones included (for progress).
     """
     times = {name: [] for name in contenders}
     for round_index in range(warmup + repeats):
@@ -31,6 +33,7 @@ def time_interleaved(
             synchronize()
             if round_index >= warmup:
                 times[name].append(time.perf_counter() - start)
+        after_round(round_index, times)
     return times
 
 
