@@ -36,6 +36,7 @@ from transformers.utils.logging import disable_progress_bar
 import hellaswag
 from checkpointing import Checkpointer, CheckpointError, list_checkpoints, resolve_checkpoint
 from configuration_gpt_moe import GPTMoEConfig
+from cpu_memory import keep_freed_memory
 from fineweb_shards import ShardError, ShardLoader
 from gpt2_tokenizer import EOT_ID, get_tokenizer
 from modeling_gpt_moe import GPTMoEForCausalLM
@@ -526,6 +527,8 @@ def train(model_args, args: TrainArguments, accelerator: Accelerator) -> None:
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for the float32 matmuls outside autocast
     run_log = RunLog(accelerator, args.output_dir)
+    if device.type == "cpu" and keep_freed_memory():
+        run_log.print("CPU: glibc keeps freed memory for reuse (cpu_memory.py), steps do not fault in fresh pages")
     run_log.print(
         f"total batch {args.total_batch_size:,} tokens = {args.micro_batch_size} sequences x {args.seq_len} tokens "
         f"x {world_size} processes x {accelerator.gradient_accumulation_steps} accumulation steps"

@@ -26,6 +26,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from convert_gpt2_to_gpt_moe import convert_gpt2  # noqa: E402
+from cpu_memory import keep_freed_memory  # noqa: E402
 
 FULL = dict(n_layer=4, n_head=6, n_embd=384, seq_len=256, batch_size=4, vocab_size=8192, prompt_len=64, repeats=7)
 QUICK = dict(n_layer=2, n_head=4, n_embd=128, seq_len=64, batch_size=2, vocab_size=1024, prompt_len=16, repeats=5)
@@ -137,7 +138,8 @@ def main() -> None:
     shape = QUICK if args.quick else FULL
     only = args.only or ("train", "generate", "memory")
     models = build_models(shape)
-    print(cpu_header(shape))
+    kept = keep_freed_memory()  # as train_accelerate.py does on CPU
+    print(cpu_header(shape, kept))
     print("| measurement | GPTMoE | GPT2LMHeadModel | ours / peer (quartiles) |\n|---|---|---|---|")
     if "train" in only:
         print("\n".join(bench_training(models, shape)))

@@ -34,6 +34,7 @@ from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from configuration_gpt_moe import GPTMoEConfig  # noqa: E402
+from cpu_memory import keep_freed_memory  # noqa: E402
 from modeling_gpt_moe import GPTMoEForCausalLM, GPTMoEMLP, GPTMoESparseMoeBlock  # noqa: E402
 
 FULL = dict(
@@ -247,7 +248,8 @@ def main() -> None:
     args = parser.parse_args()
     shape = QUICK if args.quick else FULL
     only = args.only or ("layers", "matmuls", "models", "olmoe")
-    print(cpu_header(shape))
+    kept = keep_freed_memory()  # as train_accelerate.py does on CPU
+    print(cpu_header(shape, kept))
     rows = []
     if "layers" in only:
         rows += bench_overhead_layers(shape)

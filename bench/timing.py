@@ -58,9 +58,10 @@ def ratio_row(name: str, times: list[float], reference_times: list[float]) -> st
     return f"| {name} | {ms:.1f} | {reference_ms:.1f} | **{median:.2f}x** ({low:.2f}-{high:.2f}) |"
 
 
-def cpu_header(shape: dict) -> str:
-    """The line above a CPU benchmark's table: date, machine, threads, torch version and the shape."""
+def cpu_header(shape: dict, freed_memory_kept: bool) -> str:
+    """The line above a CPU benchmark's table: date, machine, threads, torch version, malloc setting and shape."""
+    malloc = "freed memory kept (cpu_memory.py)" if freed_memory_kept else "default malloc"
     return (
         f"{datetime.date.today()}, {platform.machine()} ({torch.backends.cpu.get_cpu_capability()}), "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}; shape {shape}"
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}, {malloc}; shape {shape}"
     )

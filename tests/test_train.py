@@ -8,6 +8,7 @@ resumed run must reproduce.
 import json
 import math
 import os
+import platform
 import re
 import shutil
 import signal
@@ -134,6 +135,8 @@ def test_log_txt_keeps_the_seed_format(two_process_run):
     for field in ("loss", "aux", "lr", "norm", "dt", "tok/sec", "mfu n/a"):
         assert field in step_line
     assert result.stdout.count("sample 3: Hello, I'm a language model,") == 3  # steps 0, 4 and 8
+    if platform.libc_ver()[0] == "glibc":
+        assert "CPU: glibc keeps freed memory" in result.stdout  # cpu_memory.keep_freed_memory took effect
 
 
 def test_loss_goes_down(two_process_run):
