@@ -528,7 +528,7 @@ def train(model_args, args: TrainArguments, accelerator: Accelerator) -> None:
         torch.set_float32_matmul_precision("high")  # TF32 for the float32 matmuls outside autocast
     run_log = RunLog(accelerator, args.output_dir)
     if device.type == "cpu" and keep_freed_memory():
-        run_log.print("CPU: glibc keeps freed memory for reuse (cpu_memory.py), steps do not fault in fresh pages")
+        run_log.print("CPU: glibc keeps freed memory for reuse (cpu_memory.py) instead of unmapping it every step")
     run_log.print(
         f"total batch {args.total_batch_size:,} tokens = {args.micro_batch_size} sequences x {args.seq_len} tokens "
         f"x {world_size} processes x {accelerator.gradient_accumulation_steps} accumulation steps"
