@@ -22,6 +22,7 @@ import datetime
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,9 @@ H100_DENSE_BF16_FLOPS = 989e12
 GPT2_124M = dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50304, seq_len=1024, batch_size=16, eos=50256)
 TINY = dict(n_layer=1, n_head=2, n_embd=64, vocab_size=512, seq_len=64, batch_size=2, eos=0)
 PEER = "GPT2LMHeadModel"
+# one in each order: compiled models share code with each other, and a variant can recompile the first time it
+# runs after another one
+WARMUP_ROUNDS = 2
 # name: GPTMoEConfig overrides; the fine-grained MoE splits each expert of the 8x top-2 one in four
 # (DeepSeekMoE): same total and active parameters, four times the experts and the top-k
 MODELS = {
@@ -142,14 +146,20 @@ def matmul_flops(device: str, size: int) -> float:
     return 2 * size**3 / statistics.median(times["mm"])
 
 
-def benchmark(variants: list[Variant], trainers: dict, ids: torch.Tensor, args: argparse.Namespace, report) -> dict:
-    """Seconds per `args.steps` steps and peak bytes of every variant, interleaved; a variant that fails
-    reports its error instead of ending the run. Prints progress, and calls `report(results so far)` after
-    every timed round, so a run stopped early still leaves the rounds it finished."""
-    results = {"times": {}, "peaks": {}, "errors": {}}
-    first_call_s = {}
+def random_ids(shape: dict, batch_size: int, device: str) -> torch.Tensor:
+    return torch.randint(0, shape["vocab_size"], (batch_size, shape["seq_len"]), device=device)
 
-    def contender(variant: Variant):
+
+def benchmark(
+    variants: list[Variant], trainers: dict, ids: torch.Tensor, args, report: Callable[[dict], None]
+) -> dict:
+    """Seconds per `args.steps` steps and peak bytes of every variant, interleaved; a variant that fails
+    reports its error instead of ending the run. Prints each variant's first call (compilation included) as it
+    ends and a line per round, and calls `report(results so far)` after every timed round, so a run stopped
+    early still leaves the rounds it finished."""
+    results = {"times": {}, "peaks": {}, "errors": {}, "rounds": 0}
+
+    def contender(variant: Variant) -> Callable[[], None]:
         trainer = trainers[variant.model]
 
         def run() -> None:
@@ -160,31 +170,30 @@ def benchmark(variants: list[Variant], trainers: dict, ids: torch.Tensor, args: 
                 peak = trainer.steps(variant, ids)
             except (RuntimeError, torch.OutOfMemoryError) as error:
                 results["errors"][variant.name] = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+                print(f"{variant.name}: failed, {results['errors'][variant.name]}", flush=True)
                 trainer.optimizer.zero_grad(set_to_none=True)
                 return
-            first_call_s.setdefault(variant.name, time.perf_counter() - start)
-            if peak is not None:
-                results["peaks"][variant.name] = max(results["peaks"].get(variant.name, 0), peak)
+            if variant.name not in results["peaks"]:  # its first call that worked: compilation included
+                print(f"{variant.name}: first call {time.perf_counter() - start:.1f} s", flush=True)
+            results["peaks"][variant.name] = max(results["peaks"].get(variant.name, 0), peak or 0)
 
         return run
 
-    warmup, started = 2, time.perf_counter()
-
     def after_round(round_index: int, times: dict) -> None:
-        if round_index == 0:
-            print("first calls, compilation included: " + ", ".join(f"{n} {s:.0f} s" for n, s in first_call_s.items()))
-        warming = round_index < warmup
-        done = f"warm-up round {round_index + 1}/{warmup}" if warming else f"round {round_index - warmup + 1}"
-        print(f"{done} done, {time.perf_counter() - started:.0f} s since the start", flush=True)
-        if not warming:
-            report({**results, "times": times})
+        timed = round_index + 1 - WARMUP_ROUNDS
+        done = (
+            f"timed round {timed}/{args.repeats}" if timed > 0 else f"warm-up round {round_index + 1}/{WARMUP_ROUNDS}"
+        )
+        print(f"{done} done, {time.perf_counter() - started:.0f} s", flush=True)
+        if timed > 0:
+            report({**results, "times": times, "rounds": timed})
 
     contenders = {variant.name: contender(variant) for variant in variants}
-    # two warm-up rounds, one in each order: compiled models share code with each other, and a variant
-    # can recompile the first time it runs after another one
+    started = time.perf_counter()
     results["times"] = time_interleaved(
-        contenders, args.repeats, warmup=warmup, synchronize=synchronizer(args.device), after_round=after_round
+        contenders, args.repeats, warmup=WARMUP_ROUNDS, synchronize=synchronizer(args.device), after_round=after_round
     )
+    results["rounds"] = args.repeats
     return results
 
 
@@ -230,29 +239,33 @@ def fits(trainer: Trainer, variant: Variant, ids: torch.Tensor) -> bool:
         return False
 
 
-def time_alone(trainer: Trainer, variant: Variant, shape: dict, args: argparse.Namespace, write) -> list[str]:
+def time_alone(trainer: Trainer, variant: Variant, shape: dict, args, write: Callable[[list[str]], None]) -> list[str]:
     """The table row of `variant` timed alone at `shape`; `write(row so far)` after every timed round."""
     trainers = {variant.model: trainer}
-    ids = torch.randint(0, shape["vocab_size"], (shape["batch_size"], shape["seq_len"]), device=args.device)
 
     def rows(results: dict) -> list[str]:
         return table_rows([variant], trainers, results, shape, args)
 
+    ids = random_ids(shape, shape["batch_size"], args.device)
     return rows(benchmark([variant], trainers, ids, args, report=lambda results: write(rows(results))))
 
 
-def max_batch(args: argparse.Namespace, shape: dict, write) -> list[str]:
+def max_batch(args: argparse.Namespace, shape: dict, write: Callable[[list[str]], None]) -> list[str]:
     """For each model alone on the device: the largest micro-batch an eager step fits (a compiled step needs no
     more memory), then its compiled variant timed at that batch. `write(rows)` gets the table so far."""
     candidates = (2, 4) if args.quick else (16, 24, 32, 48, 64, 96, 128)
     rows = []
+
+    def write_after_finished_models(current: list[str]) -> None:
+        write(rows + current)
+
     for name in (PEER, *MODELS):
         trainer = Trainer(build_model(name, shape, args.device, args.precision), args)
         experts = "grouped_mm" if name.startswith("MoE") else None
         largest = None
+        eager = Variant(name, compiled=False, experts=experts)
         for batch_size in candidates:
-            ids = torch.randint(0, shape["vocab_size"], (batch_size, shape["seq_len"]), device=args.device)
-            if not fits(trainer, Variant(name, compiled=False, experts=experts), ids):
+            if not fits(trainer, eager, random_ids(shape, batch_size, args.device)):
                 break
             largest = batch_size
         print(f"{name}: largest micro-batch {largest}", flush=True)
@@ -260,8 +273,7 @@ def max_batch(args: argparse.Namespace, shape: dict, write) -> list[str]:
             rows.append(f"| {name} | < {candidates[0]} | does not fit |")
         else:
             variant = Variant(name, compiled=True, experts=experts)
-            at_largest = {**shape, "batch_size": largest}
-            rows += time_alone(trainer, variant, at_largest, args, lambda done, earlier=rows: write(earlier + done))
+            rows += time_alone(trainer, variant, {**shape, "batch_size": largest}, args, write_after_finished_models)
         write(rows)
         del trainer
         if torch.cuda.is_available():
@@ -269,16 +281,22 @@ def max_batch(args: argparse.Namespace, shape: dict, write) -> list[str]:
     return rows
 
 
-def table_writer(path: str | None, heading: list[str]):
-    """`write(rows)`: the heading and `rows` into `path` (markdown), replaced whole so it is never half written."""
+def table_writer(path: str | None, heading: list[str]) -> Callable[..., None]:
+    """`write(rows, note)`: the heading, `rows` and a note into `path` (markdown), replaced whole so that it is
+    never half written. The first call, before any compilation, checks that the path can be written."""
 
-    def write(rows: list[str]) -> None:
+    def write(rows: list[str], note: str = "") -> None:
         if path:
             temporary = Path(f"{path}.tmp")
-            temporary.write_text("\n".join(heading + rows) + "\n")
+            temporary.write_text("\n".join([*heading, *rows, "", note]).rstrip() + "\n")
             temporary.replace(path)
 
+    write([], "(no round timed yet)")
     return write
+
+
+def rounds_note(results: dict, args: argparse.Namespace) -> str:
+    return f"{results['rounds']} of {args.repeats} timed rounds of {args.steps} steps"
 
 
 def main() -> None:
@@ -306,19 +324,22 @@ def main() -> None:
         *table_header(args),
     ]
     print(heading[0], flush=True)
-    write = table_writer(args.output, heading)
+    try:
+        write = table_writer(args.output, heading)
+    except OSError as error:
+        sys.exit(f"error: cannot write --output {args.output}: {error.strerror}; name a file in an existing folder")
     if args.max_batch:
         rows = max_batch(args, shape, write)
     else:
         variants = [v for v in VARIANTS if not args.only or any(word in v.name for word in args.only)]
         models = dict.fromkeys(variant.model for variant in variants)
         trainers = {name: Trainer(build_model(name, shape, args.device, args.precision), args) for name in models}
-        ids = torch.randint(0, shape["vocab_size"], (shape["batch_size"], shape["seq_len"]), device=args.device)
-        results = benchmark(
-            variants, trainers, ids, args, report=lambda done: write(table_rows(variants, trainers, done, shape, args))
-        )
-        rows = table_rows(variants, trainers, results, shape, args)
-        write(rows)
+
+        def report(results: dict) -> None:
+            write(table_rows(variants, trainers, results, shape, args), rounds_note(results, args))
+
+        ids = random_ids(shape, shape["batch_size"], args.device)
+        rows = table_rows(variants, trainers, benchmark(variants, trainers, ids, args, report), shape, args)
     print("\n".join(heading[1:] + rows))
 
 
