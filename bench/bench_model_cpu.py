@@ -137,9 +137,9 @@ def main() -> None:
     args = parser.parse_args()
     shape = QUICK if args.quick else FULL
     only = args.only or ("train", "generate", "memory")
+    kept = keep_freed_memory()  # as train_accelerate.py does on CPU, before anything large is allocated
     models = build_models(shape)
-    kept = keep_freed_memory()  # as train_accelerate.py does on CPU
-    print(cpu_header(shape, kept))
+    print(cpu_header(shape, freed_memory_kept=kept))
     print("| measurement | GPTMoE | GPT2LMHeadModel | ours / peer (quartiles) |\n|---|---|---|---|")
     if "train" in only:
         print("\n".join(bench_training(models, shape)))

@@ -249,7 +249,7 @@ def main() -> None:
     shape = QUICK if args.quick else FULL
     only = args.only or ("layers", "matmuls", "models", "olmoe")
     kept = keep_freed_memory()  # as train_accelerate.py does on CPU
-    print(cpu_header(shape, kept))
+    print(cpu_header(shape, freed_memory_kept=kept))
     rows = []
     if "layers" in only:
         rows += bench_overhead_layers(shape)

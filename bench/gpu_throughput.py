@@ -157,7 +157,7 @@ def benchmark(
     reports its error instead of ending the run. Prints each variant's first call (compilation included) as it
     ends and a line per round, and calls `report(results so far)` after every timed round, so a run stopped
     early still leaves the rounds it finished."""
-    results = {"times": {}, "peaks": {}, "errors": {}, "rounds": 0}
+    results = {"times": {}, "peaks": {}, "errors": {}}
 
     def contender(variant: Variant) -> Callable[[], None]:
         trainer = trainers[variant.model]
@@ -186,14 +186,13 @@ def benchmark(
         )
         print(f"{done} done, {time.perf_counter() - started:.0f} s", flush=True)
         if timed > 0:
-            report({**results, "times": times, "rounds": timed})
+            report({**results, "times": times})
 
     contenders = {variant.name: contender(variant) for variant in variants}
     started = time.perf_counter()
     results["times"] = time_interleaved(
         contenders, args.repeats, warmup=WARMUP_ROUNDS, synchronize=synchronizer(args.device), after_round=after_round
     )
-    results["rounds"] = args.repeats
     return results
 
 
@@ -296,7 +295,8 @@ def table_writer(path: str | None, heading: list[str]) -> Callable[..., None]:
 
 
 def rounds_note(results: dict, args: argparse.Namespace) -> str:
-    return f"{results['rounds']} of {args.repeats} timed rounds of {args.steps} steps"
+    rounds = max(map(len, results["times"].values()), default=0)  # every variant has one time per round
+    return f"{rounds} of {args.repeats} timed rounds of {args.steps} steps"
 
 
 def main() -> None:
