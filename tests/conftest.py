@@ -1,5 +1,6 @@
 """Shared fixtures: tiny models small enough that the whole suite runs in minutes on 2 cores."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -9,6 +10,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+# a subprocess that crashes in native code (a segfault) prints its Python stack, as pytest does for its own
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")
 
 from configuration_gpt_moe import GPTMoEConfig  # noqa: E402
 from modeling_gpt_moe import GPTMoEForCausalLM  # noqa: E402

@@ -192,7 +192,7 @@ def test_checkpoint_loads_and_generates_in_a_fresh_process(two_process_run, tmp_
     checkpoint = two_process_run[0] / "model_00008"
     command = [sys.executable, "sample.py", checkpoint, "--num_samples", "2", "--max_new_tokens", "8"]
     result = run(command, tmp_path)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
     samples = [line for line in result.stdout.splitlines() if line.startswith("sample ")]
     assert len(samples) == 2 and all("Hello, I'm a language model," in sample for sample in samples)
 
@@ -205,7 +205,7 @@ def test_one_process_matches_two_processes(two_process_run, corpus, tmp_path):
     output_dir = tmp_path / "log"
     flags = [*TINY_RUN, "--save_total_limit", "1", "--data_dir", corpus, "--output_dir", output_dir]
     result = run([sys.executable, SCRIPT, *flags], tmp_path)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
     assert "x 1 processes x 2 accumulation steps" in result.stdout
     assert [p.name for p in output_dir.glob("model_*")] == ["model_00008"]  # model_00004 pruned
     one, two = read_log(output_dir)["train"], read_log(two_process_run[0])["train"]
@@ -226,7 +226,7 @@ def test_resume_continues_exactly(two_process_run, corpus, tmp_path):
     shutil.copy(reference_dir / "log.txt", output_dir / "log.txt")  # with the records after step 4: dropped
     resume = ["--resume_from_checkpoint", "latest", "--data_dir", corpus, "--output_dir", output_dir]
     result = run([*LAUNCH_TWO, *TINY_RUN, *evaluation_flags(reference_dir.parent), *resume], tmp_path)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
     assert "resumed from" in result.stdout and "at step 4" in result.stdout
     assert (output_dir / "log.txt").read_text() == (reference_dir / "log.txt").read_text()
     resumed, uninterrupted = final_weights(output_dir), final_weights(reference_dir)
