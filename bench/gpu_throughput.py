@@ -158,6 +158,8 @@ def benchmark(
     ends and a line per round, and calls `report(results so far)` after every timed round, so a run stopped
     early still leaves the rounds it finished."""
     results = {"times": {}, "peaks": {}, "errors": {}}
+    called = set()  # the variants whose first call has worked
+    started = time.perf_counter()
 
     def contender(variant: Variant) -> Callable[[], None]:
         trainer = trainers[variant.model]
@@ -173,9 +175,11 @@ def benchmark(
                 print(f"{variant.name}: failed, {results['errors'][variant.name]}", flush=True)
                 trainer.optimizer.zero_grad(set_to_none=True)
                 return
-            if variant.name not in results["peaks"]:  # its first call that worked: compilation included
+            if variant.name not in called:  # compilation included
+                called.add(variant.name)
                 print(f"{variant.name}: first call {time.perf_counter() - start:.1f} s", flush=True)
-            results["peaks"][variant.name] = max(results["peaks"].get(variant.name, 0), peak or 0)
+            if peak is not None:
+                results["peaks"][variant.name] = max(results["peaks"].get(variant.name, 0), peak)
 
         return run
 
@@ -189,7 +193,6 @@ def benchmark(
             report({**results, "times": times})
 
     contenders = {variant.name: contender(variant) for variant in variants}
-    started = time.perf_counter()
     results["times"] = time_interleaved(
         contenders, args.repeats, warmup=WARMUP_ROUNDS, synchronize=synchronizer(args.device), after_round=after_round
     )

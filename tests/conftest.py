@@ -1,6 +1,7 @@
 """Shared fixtures: tiny models small enough that the whole suite runs in minutes on 2 cores."""
 
 import os
+import platform
 import sys
 from pathlib import Path
 
@@ -15,6 +16,9 @@ os.environ.setdefault("PYTHONFAULTHANDLER", "1")
 
 from configuration_gpt_moe import GPTMoEConfig  # noqa: E402
 from modeling_gpt_moe import GPTMoEForCausalLM  # noqa: E402
+
+# cpu_memory.keep_freed_memory sets a glibc option
+requires_glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc setting")
 
 TINY = dict(vocab_size=96, block_size=64, n_layer=2, n_head=4, n_embd=32)
 

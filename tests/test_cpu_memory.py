@@ -4,12 +4,10 @@ The setting is process-wide, so each case runs in a fresh interpreter.
 """
 
 import os
-import platform
 import subprocess
 import sys
 
-import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, requires_glibc
 
 from cpu_memory import keep_freed_memory
 
@@ -34,7 +32,7 @@ CHILD_ENV = {
     if not name.startswith("MALLOC_") and name not in ("GLIBC_TUNABLES", "LD_PRELOAD")
 }
 
-pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc setting")
+pytestmark = requires_glibc
 
 
 def released_mib(mode: str) -> tuple[str, float]:

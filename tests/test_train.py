@@ -8,7 +8,6 @@ resumed run must reproduce.
 import json
 import math
 import os
-import platform
 import re
 import shutil
 import signal
@@ -21,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate.commands.config.config_args import load_config_from_file
-from conftest import REPO_ROOT, tiny_model
+from conftest import REPO_ROOT, requires_glibc, tiny_model
 from safetensors.torch import load_file
 
 import hellaswag
@@ -67,6 +66,11 @@ def start(command: list, cwd: Path) -> subprocess.Popen:
 def run(command: list, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
     command = [str(part) for part in command]
     return subprocess.run(command, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def printed(result: subprocess.CompletedProcess) -> str:
+    """What a failed run printed: the end of its stdout, then its stderr (a crash's stack, a traceback)."""
+    return result.stdout[-3000:] + result.stderr
 
 
 def parse_recipe(name: str, *flags: str) -> tuple:
@@ -137,7 +141,7 @@ def test_log_txt_keeps_the_seed_format(two_process_run):
     assert result.stdout.count("sample 3: Hello, I'm a language model,") == 3  # steps 0, 4 and 8
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc setting")
+@requires_glibc
 def test_cpu_training_keeps_freed_memory(two_process_run):
     assert "CPU: glibc keeps freed memory" in two_process_run[1].stdout  # cpu_memory.keep_freed_memory took effect
 
@@ -192,7 +196,7 @@ def test_checkpoint_loads_and_generates_in_a_fresh_process(two_process_run, tmp_
     checkpoint = two_process_run[0] / "model_00008"
     command = [sys.executable, "sample.py", checkpoint, "--num_samples", "2", "--max_new_tokens", "8"]
     result = run(command, tmp_path)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    assert result.returncode == 0, printed(result)
     samples = [line for line in result.stdout.splitlines() if line.startswith("sample ")]
     assert len(samples) == 2 and all("Hello, I'm a language model," in sample for sample in samples)
 
@@ -205,7 +209,7 @@ def test_one_process_matches_two_processes(two_process_run, corpus, tmp_path):
     output_dir = tmp_path / "log"
     flags = [*TINY_RUN, "--save_total_limit", "1", "--data_dir", corpus, "--output_dir", output_dir]
     result = run([sys.executable, SCRIPT, *flags], tmp_path)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    assert result.returncode == 0, printed(result)
     assert "x 1 processes x 2 accumulation steps" in result.stdout
     assert [p.name for p in output_dir.glob("model_*")] == ["model_00008"]  # model_00004 pruned
     one, two = read_log(output_dir)["train"], read_log(two_process_run[0])["train"]
@@ -226,7 +230,7 @@ def test_resume_continues_exactly(two_process_run, corpus, tmp_path):
     shutil.copy(reference_dir / "log.txt", output_dir / "log.txt")  # with the records after step 4: dropped
     resume = ["--resume_from_checkpoint", "latest", "--data_dir", corpus, "--output_dir", output_dir]
     result = run([*LAUNCH_TWO, *TINY_RUN, *evaluation_flags(reference_dir.parent), *resume], tmp_path)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    assert result.returncode == 0, printed(result)
     assert "resumed from" in result.stdout and "at step 4" in result.stdout
     assert (output_dir / "log.txt").read_text() == (reference_dir / "log.txt").read_text()
     resumed, uninterrupted = final_weights(output_dir), final_weights(reference_dir)
