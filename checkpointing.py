@@ -27,7 +27,10 @@ from huggingface_hub import HfApi
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from training_metrics import active_parameters
+if __package__:  # installed: these modules are the package gpt_moe
+    from .training_metrics import active_parameters
+else:  # a script or module of a clone, whose root is on sys.path
+    from training_metrics import active_parameters
 
 TRAINING_STATE = "training_state"
 TRAINER_STATE_FILE = "trainer_state.json"

@@ -30,7 +30,7 @@ class GPTMoEConfig(PretrainedConfig):
     """
 
     model_type = "gpt_moe"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]  # the KV cache, named so from 5.24 on and before
     attribute_map = {
         "hidden_size": "n_embd",
         "num_hidden_layers": "n_layer",
@@ -39,23 +39,6 @@ class GPTMoEConfig(PretrainedConfig):
         "num_local_experts": "num_experts",
         "intermediate_size": "n_inner",
     }
-    # Tensor parallelism (`from_pretrained(..., tp_plan="auto")`): vocabulary-parallel embedding,
-    # MLPs split Megatron-style, every expert split along its hidden width on every rank.
-    # Attention stays replicated: transformers' packed styles cannot shard a fused q|k|v with bias.
-    # Experts' down-projection biases are replicated, so the expert all-reduce counts them once
-    # per rank: exact for bias-free experts only (README, "Known limitations").
-    base_model_tp_plan = {
-        "wte": "embedding_rowwise",
-        "h.*.mlp.c_fc": "colwise",
-        "h.*.mlp.c_proj": "rowwise",
-        "h.*.mlp.shared_experts.c_fc": "colwise",
-        "h.*.mlp.shared_experts.c_proj": "rowwise",
-        "h.*.mlp.experts.up_proj": "colwise",
-        "h.*.mlp.experts.up_proj_bias": "rowwise",  # a parameter, not a Linear: rowwise = Shard(-1)
-        "h.*.mlp.experts.down_proj": "rowwise",
-        "h.*.mlp.experts": "moe_tp_experts",
-    }
-
     vocab_size: int = 50257
     block_size: int = 1024
     n_layer: int = 12
@@ -91,6 +74,7 @@ class GPTMoEConfig(PretrainedConfig):
         self.mlp_only_layers = list(self.mlp_only_layers or [])
         super().__post_init__(**kwargs)
         self.check()
+        self.base_model_tp_plan = self.tensor_parallel_plan()
 
     def check(self) -> None:
         """Raise a ValueError naming the offending field and the fix."""
@@ -121,6 +105,31 @@ class GPTMoEConfig(PretrainedConfig):
             raise ValueError(
                 f"mlp_only_layers {bad_layers} are not layer indices: use values in 0..{self.n_layer - 1}."
             )
+
+    def tensor_parallel_plan(self) -> dict[str, str]:
+        """The plan of `from_pretrained(..., tp_plan="auto")`, naming only the modules this config builds.
+
+        Vocabulary-parallel embedding, MLPs split Megatron-style, every expert split along its hidden width on
+        every rank. Attention stays replicated: transformers' packed styles cannot shard a fused q|k|v with bias.
+        Experts' down-projection biases are replicated, so the expert all-reduce counts them once per rank:
+        exact for bias-free experts only (README, "Known limitations").
+        """
+        moe_layers = [self.is_moe_layer(i) for i in range(self.n_layer)]
+        plan = {"wte": "embedding_rowwise"}
+        if not all(moe_layers):
+            plan.update({"h.*.mlp.c_fc": "colwise", "h.*.mlp.c_proj": "rowwise"})
+        if any(moe_layers):
+            plan.update(
+                {
+                    "h.*.mlp.experts.up_proj": "colwise",
+                    "h.*.mlp.experts.up_proj_bias": "rowwise",  # a parameter, not a Linear: rowwise = Shard(-1)
+                    "h.*.mlp.experts.down_proj": "rowwise",
+                    "h.*.mlp.experts": "moe_tp_experts",
+                }
+            )
+        if any(moe_layers) and self.n_shared_experts > 0:
+            plan.update({"h.*.mlp.shared_experts.c_fc": "colwise", "h.*.mlp.shared_experts.c_proj": "rowwise"})
+        return plan
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         return (

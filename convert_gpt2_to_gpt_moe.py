@@ -17,9 +17,16 @@ from pathlib import Path
 import torch
 from transformers import GPT2LMHeadModel
 
-from configuration_gpt_moe import GPTMoEConfig
-from gpt2_tokenizer import get_tokenizer
-from modeling_gpt_moe import GPTMoEForCausalLM
+if __package__:  # installed: these modules are the package gpt_moe
+    from .command_line import ArgumentParser
+    from .configuration_gpt_moe import GPTMoEConfig
+    from .gpt2_tokenizer import get_tokenizer
+    from .modeling_gpt_moe import GPTMoEForCausalLM
+else:  # a script or module of a clone, whose root is on sys.path
+    from command_line import ArgumentParser
+    from configuration_gpt_moe import GPTMoEConfig
+    from gpt2_tokenizer import get_tokenizer
+    from modeling_gpt_moe import GPTMoEForCausalLM
 
 # GPT-2 stores these as Conv1D (in, out); GPTMoE uses nn.Linear (out, in).
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -97,7 +104,7 @@ def save_checkpoint(model: GPTMoEForCausalLM, output_dir: Path) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpt2", required=True, help="GPT2LMHeadModel folder or Hub id (e.g. gpt2, gpt2-medium)")
     parser.add_argument("--output_dir", required=True, type=Path)
     parser.add_argument("--num_experts", type=int, default=None, help="upcycle every MLP into this many experts")

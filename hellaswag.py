@@ -37,7 +37,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from gpt2_tokenizer import get_tokenizer
+if __package__:  # installed: these modules are the package gpt_moe
+    from .command_line import ArgumentParser
+    from .gpt2_tokenizer import get_tokenizer
+else:  # a script or module of a clone, whose root is on sys.path
+    from command_line import ArgumentParser
+    from gpt2_tokenizer import get_tokenizer
 
 DATA_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 DATA_DIR_ENV = "GPT_MOE_HELLASWAG_DIR"
@@ -357,7 +362,7 @@ def positive_int(text: str) -> int:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="HellaSwag validation accuracy of a causal LM.")
+    parser = ArgumentParser(description="HellaSwag validation accuracy of a causal LM.")
     parser.add_argument("--model", required=True, help="Hub name or local folder of an AutoModelForCausalLM")
     parser.add_argument("--data_file", help=f"local HellaSwag jsonl (default: the cached {VAL_FILE_NAME})")
     parser.add_argument("--style", choices=STYLES, default="completion", help="scoring style (see module docstring)")

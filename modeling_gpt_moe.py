@@ -26,11 +26,18 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs, maybe_install_capturing_hooks
 
 try:
     from .configuration_gpt_moe import GPTMoEConfig
 except ImportError:  # imported from the repository root rather than as remote code
     from configuration_gpt_moe import GPTMoEConfig
+
+# transformers 5.24 renamed the KV cache from `past_key_values` to `cache`: the argument generate() passes, the
+# output field it reads back and create_causal_mask's argument. The forwards accept either name; the cache goes back
+# to transformers under the installed version's name.
+CACHE_NAME = "cache" if "cache" in MoeModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 def eager_attention_forward(
@@ -71,7 +78,7 @@ class GPTMoEAttention(nn.Module):
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch_size, seq_len, _ = hidden_states.shape
@@ -80,8 +87,8 @@ class GPTMoEAttention(nn.Module):
         query = query.view(head_shape).transpose(1, 2)  # (B, nh, T, hs)
         key = key.view(head_shape).transpose(1, 2)
         value = value.view(head_shape).transpose(1, 2)
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -185,7 +192,7 @@ class GPTMoEExperts(nn.Module):
 
 
 class GPTMoESparseMoeBlock(nn.Module):
-    """Router + routed experts (+ optional shared experts). Returns the output and the router logits."""
+    """Router + routed experts (+ optional shared experts). The router logits are recorded from the router."""
 
     def __init__(self, config: GPTMoEConfig):
         super().__init__()
@@ -198,23 +205,28 @@ class GPTMoESparseMoeBlock(nn.Module):
         )
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch_size, seq_len, hidden_dim = hidden_states.shape
         flat = hidden_states.view(-1, hidden_dim)  # (N, H)
-        router_logits, top_k_weights, top_k_index = self.router(flat)
+        _, top_k_weights, top_k_index = self.router(flat)
         output = self._run_experts(flat, top_k_index, top_k_weights)
         if self.shared_experts is not None:
             output = output + self.shared_experts(flat)
-        return self.dropout(output.view(batch_size, seq_len, hidden_dim)), router_logits
+        return self.dropout(output.view(batch_size, seq_len, hidden_dim))
 
     def _run_experts(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        device_type = hidden_states.device.type
-        autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
         # Autocast does not cover transformers' grouped GEMMs: they would run in the float32 weights' dtype
         # (on CUDA a slow per-expert fallback). Cast the weights as autocast casts nn.Linear's: float32 only.
-        if not autocast or self.experts.up_proj.dtype != torch.float32:
+        # Meta tensors have no autocast state; torch.amp.is_autocast_available, which would say so, breaks
+        # torch.compile's graph in torch 2.11.
+        device_type = hidden_states.device.type
+        if (
+            self.experts.up_proj.dtype != torch.float32
+            or hidden_states.is_meta
+            or not torch.is_autocast_enabled(device_type)
+        ):
             return self.experts(hidden_states, top_k_index, top_k_weights)
         compute_dtype = torch.get_autocast_dtype(device_type)
         weights = {name: param.to(compute_dtype) for name, param in self.experts.named_parameters()}
@@ -229,23 +241,18 @@ class GPTMoEBlock(GradientCheckpointingLayer):
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
         self.attn = GPTMoEAttention(config, layer_idx)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
-        self.is_moe = config.is_moe_layer(layer_idx)
-        self.mlp = GPTMoESparseMoeBlock(config) if self.is_moe else GPTMoEMLP(config, config.n_inner)
+        is_moe = config.is_moe_layer(layer_idx)
+        self.mlp = GPTMoESparseMoeBlock(config) if is_moe else GPTMoEMLP(config, config.n_inner)
 
     def forward(
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        attn_output, attn_weights = self.attn(self.ln_1(hidden_states), attention_mask, past_key_values, **kwargs)
-        hidden_states = hidden_states + attn_output
-        if self.is_moe:
-            mlp_output, router_logits = self.mlp(self.ln_2(hidden_states))
-        else:
-            mlp_output, router_logits = self.mlp(self.ln_2(hidden_states)), None
-        return hidden_states + mlp_output, attn_weights, router_logits
+    ) -> torch.Tensor:
+        hidden_states = hidden_states + self.attn(self.ln_1(hidden_states), attention_mask, cache, **kwargs)[0]
+        return hidden_states + self.mlp(self.ln_2(hidden_states))
 
 
 class GPTMoEPreTrainedModel(PreTrainedModel):
@@ -254,11 +261,18 @@ class GPTMoEPreTrainedModel(PreTrainedModel):
     base_model_prefix = "transformer"
     supports_gradient_checkpointing = True
     _no_split_modules = ["GPTMoEBlock"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_NAME]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    _can_compile_fullgraph = True  # tests/test_modeling.py compiles static-cache decoding with fullgraph=True
+    # what output_router_logits / output_hidden_states / output_attentions return, recorded by forward hooks
+    _can_record_outputs = {
+        "router_logits": OutputRecorder(GPTMoERouter, index=0),
+        "hidden_states": GPTMoEBlock,
+        "attentions": GPTMoEAttention,
+    }
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -297,6 +311,9 @@ class GPTMoEModel(GPTMoEPreTrainedModel):
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
         self.gradient_checkpointing = False
         self.post_init()
+        # now rather than at the first call that records outputs: installing them inside torch.compile (a training
+        # step records the router logits) breaks the graph
+        maybe_install_capturing_hooks(self)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.wte
@@ -304,39 +321,29 @@ class GPTMoEModel(GPTMoEPreTrainedModel):
     def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
         self.wte = new_embeddings
 
-    @can_return_tuple
+    @merge_with_config_defaults
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        output_router_logits: bool | None = None,
+        past_key_values: Cache | None = None,  # the name of `cache` before transformers 5.24
         **kwargs: Unpack[TransformersKwargs],
     ) -> MoeModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
-        output_hidden_states = (
-            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
-        )
-        output_router_logits = (
-            self.config.output_router_logits if output_router_logits is None else output_router_logits
-        )
-        use_cache = (self.config.use_cache if use_cache is None else use_cache) and not (
-            self.gradient_checkpointing and self.training
-        )
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        cache = cache if cache is not None else past_key_values
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
 
         if inputs_embeds is None:
             inputs_embeds = self.wte(input_ids)
         if position_ids is None:
-            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past_seen = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0) + past_seen
         hidden_states = self.drop(inputs_embeds + self.wpe(position_ids))  # (B, T, C)
 
@@ -344,30 +351,12 @@ class GPTMoEModel(GPTMoEPreTrainedModel):
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
             position_ids=position_ids,
+            **{CACHE_NAME: cache},
         )
-        all_hidden_states, all_attentions, all_router_logits = [], [], []
         for block in self.h:
-            if output_hidden_states:
-                all_hidden_states.append(hidden_states)
-            hidden_states, attn_weights, router_logits = block(
-                hidden_states, causal_mask, past_key_values, position_ids=position_ids, **kwargs
-            )
-            all_attentions.append(attn_weights)
-            if router_logits is not None:
-                all_router_logits.append(router_logits)
-        hidden_states = self.ln_f(hidden_states)
-        if output_hidden_states:
-            all_hidden_states.append(hidden_states)
-
-        return MoeModelOutputWithPast(
-            last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
-            hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
-            attentions=tuple(all_attentions) if output_attentions else None,
-            router_logits=tuple(all_router_logits) if output_router_logits and all_router_logits else None,
-        )
+            hidden_states = block(hidden_states, causal_mask, cache=cache, position_ids=position_ids, **kwargs)
+        return MoeModelOutputWithPast(last_hidden_state=self.ln_f(hidden_states), **{CACHE_NAME: cache})
 
 
 def token_mean(values: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
@@ -428,13 +417,14 @@ class GPTMoEForCausalLM(GPTMoEPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         shift_labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_router_logits: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,  # the name of `cache` before transformers 5.24
         **kwargs: Unpack[TransformersKwargs],
     ) -> GPTMoECausalLMOutputWithPast:
         r"""
@@ -451,7 +441,7 @@ class GPTMoEForCausalLM(GPTMoEPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache if cache is not None else past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_router_logits=output_router_logits or has_targets,
@@ -464,7 +454,7 @@ class GPTMoEForCausalLM(GPTMoEPreTrainedModel, GenerationMixin):
         loss = aux_loss = z_loss = None
         if has_targets:
             loss = self.loss_function(logits, labels, self.config.vocab_size, shift_labels=shift_labels, **kwargs)
-        if outputs.router_logits is not None:
+        if outputs.router_logits:  # None when not recorded, () for a dense model
             token_mask = self._router_token_mask(attention_mask, outputs.router_logits[0].shape[0])
             aux_loss = load_balancing_loss(outputs.router_logits, self.config.num_experts_per_tok, token_mask)
             z_loss = router_z_loss(outputs.router_logits, token_mask)
@@ -476,10 +466,10 @@ class GPTMoEForCausalLM(GPTMoEPreTrainedModel, GenerationMixin):
             aux_loss=aux_loss,
             z_loss=z_loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            router_logits=outputs.router_logits if output_router_logits else None,
+            router_logits=(outputs.router_logits or None) if output_router_logits else None,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
         )
 
     @staticmethod

@@ -49,8 +49,14 @@ from datasets import IterableDataset, load_dataset
 from datasets.exceptions import DatasetNotFoundError
 from tqdm import tqdm
 
-from fineweb_shards import MAGIC, SHARD_SUFFIXES, VERSION, ShardError, open_shard, write_shard
-from gpt2_tokenizer import EOT_ID, VOCAB_SHA256, VOCAB_SIZE, get_encoding
+if __package__:  # installed: these modules are the package gpt_moe
+    from .command_line import ArgumentParser
+    from .fineweb_shards import MAGIC, SHARD_SUFFIXES, VERSION, ShardError, open_shard, write_shard
+    from .gpt2_tokenizer import EOT_ID, VOCAB_SHA256, VOCAB_SIZE, get_encoding
+else:  # a script or module of a clone, whose root is on sys.path
+    from command_line import ArgumentParser
+    from fineweb_shards import MAGIC, SHARD_SUFFIXES, VERSION, ShardError, open_shard, write_shard
+    from gpt2_tokenizer import EOT_ID, VOCAB_SHA256, VOCAB_SIZE, get_encoding
 
 MANIFEST = "manifest.json"
 DATA_FILE_FORMATS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".txt": "text", ".arrow": "arrow"}
@@ -76,7 +82,7 @@ class UsageError(Exception):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--source",
         choices=["hub", "files", "python_docs"],
@@ -394,7 +400,7 @@ def definitions(body: list[ast.stmt]) -> Iterator[ast.AST]:
     """Classes and functions in source order, also inside if/try/with/match blocks; walking
     statements only, not every expression node, is what keeps this fast."""
     for node in body:
-        if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+        if isinstance(node, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
             yield node
         for field in ("body", "orelse", "finalbody", "handlers", "cases"):
             yield from definitions(getattr(node, field, []))

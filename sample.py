@@ -12,8 +12,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils.logging import disable_progress_bar
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """A mistake in the flags is one line and exit status 1, as in the other tools (command_line.py; this script
+    imports nothing of the repository, so that a copy of it runs anywhere)."""
+
+    def error(self, message: str):
+        self.exit(1, f"{self.prog}: error: {message}; run with --help for the flags\n")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="a checkpoint folder (log/model_<step>) or a Hub repo id")
     parser.add_argument("--prompt", default="Hello, I'm a language model,")
     parser.add_argument("--num_samples", type=int, default=4)

@@ -33,15 +33,40 @@ from torch import nn
 from transformers import HfArgumentParser, PreTrainedTokenizerBase
 from transformers.utils.logging import disable_progress_bar
 
-import hellaswag
-from checkpointing import Checkpointer, CheckpointError, list_checkpoints, resolve_checkpoint
-from configuration_gpt_moe import GPTMoEConfig
-from cpu_memory import keep_freed_memory
-from fineweb_shards import ShardError, ShardLoader
-from gpt2_tokenizer import EOT_ID, get_tokenizer
-from modeling_gpt_moe import GPTMoEForCausalLM
-from training_metrics import ExpertLoad, active_parameters, expert_load, flops_per_token, peak_flops, router_statistics
-from training_plots import plot_expert_load, plot_losses
+if __package__:  # installed: these modules are the package gpt_moe
+    from . import hellaswag
+    from .checkpointing import Checkpointer, CheckpointError, list_checkpoints, resolve_checkpoint
+    from .configuration_gpt_moe import GPTMoEConfig
+    from .cpu_memory import keep_freed_memory
+    from .fineweb_shards import ShardError, ShardLoader
+    from .gpt2_tokenizer import EOT_ID, get_tokenizer
+    from .modeling_gpt_moe import GPTMoEForCausalLM
+    from .training_metrics import (
+        ExpertLoad,
+        active_parameters,
+        expert_load,
+        flops_per_token,
+        peak_flops,
+        router_statistics,
+    )
+    from .training_plots import plot_expert_load, plot_losses
+else:  # a script or module of a clone, whose root is on sys.path
+    import hellaswag
+    from checkpointing import Checkpointer, CheckpointError, list_checkpoints, resolve_checkpoint
+    from configuration_gpt_moe import GPTMoEConfig
+    from cpu_memory import keep_freed_memory
+    from fineweb_shards import ShardError, ShardLoader
+    from gpt2_tokenizer import EOT_ID, get_tokenizer
+    from modeling_gpt_moe import GPTMoEForCausalLM
+    from training_metrics import (
+        ExpertLoad,
+        active_parameters,
+        expert_load,
+        flops_per_token,
+        peak_flops,
+        router_statistics,
+    )
+    from training_plots import plot_expert_load, plot_losses
 
 SAMPLE_PROMPT = "Hello, I'm a language model,"
 SAMPLE_TOKENS = 32
@@ -113,17 +138,46 @@ class TrainingError(Exception):
     """A problem the user can fix; reported as one line, without a traceback."""
 
 
+class ArgumentParser(HfArgumentParser):
+    """HfArgumentParser whose mistakes are TrainingErrors, one line like every other (argparse prints a usage block
+    and exits 2; HfArgumentParser raises a ValueError, a traceback, for an unknown flag)."""
+
+    def error(self, message: str):
+        raise TrainingError(message)
+
+    def parse(self, argv: list[str]) -> tuple:
+        """(ModelArguments, TrainArguments); an unknown flag is an error naming it, and the closest known one."""
+        *dataclasses, unknown = self.parse_args_into_dataclasses(
+            argv, return_remaining_strings=True, look_for_args_file=False
+        )
+        if unknown:
+            flags = [action.option_strings[0] for action in self._actions if action.option_strings]
+            flag = next((word for word in unknown if word.startswith("-")), unknown[0])
+            self.error(f"unknown flag {flag}{did_you_mean(flag, flags)}; run with --help for the list")
+        return tuple(dataclasses)
+
+
+def did_you_mean(name: str, known) -> str:
+    close = difflib.get_close_matches(name, known, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
 def parse_arguments(argv: list[str] | None = None) -> tuple:
     """(ModelArguments, TrainArguments) from a YAML recipe (--config) overridden by command-line flags."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = HfArgumentParser((ModelArguments, TrainArguments), usage=USAGE, description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser((ModelArguments, TrainArguments), usage=USAGE, description=__doc__.split("\n\n")[0])
     peek = argparse.ArgumentParser(add_help=False)
     peek.add_argument("--config")
     recipe = peek.parse_known_args(argv)[0].config
     if recipe:
         known = {f.name for dataclass_type in (ModelArguments, TrainArguments) for f in fields(dataclass_type)}
-        argv = recipe_flags(read_recipe(recipe, known - {"config"})) + argv  # later flags win
-    model_args, args = parser.parse_args_into_dataclasses(argv)
+        recipe_argv = recipe_flags(read_recipe(recipe, known - {"config"}))
+        try:  # the recipe's values alone, so that a wrong one is reported with the file's name
+            parser.parse(recipe_argv)
+        except TrainingError as error:
+            raise TrainingError(f"{recipe}: {error}") from None
+        argv = recipe_argv + argv  # later flags win
+    model_args, args = parser.parse(argv)
     check_arguments(model_args, args)
     return model_args, args
 
@@ -139,8 +193,7 @@ def read_recipe(path: str, known: set[str]) -> dict:
         raise TrainingError(f"{path} must be a mapping of argument names to values")
     for key in values:
         if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            hint = did_you_mean(str(key), known)
             raise TrainingError(f"{path}: unknown key '{key}'{hint}; run with --help for the list")
     return values
 

@@ -15,7 +15,6 @@ The variants run interleaved (A B C A B C ...) and the medians are reported, bec
 machine is shared and has slow phases lasting seconds.
 """
 
-import argparse
 import contextlib
 import datetime
 import io
@@ -36,6 +35,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import prepare_fineweb  # noqa: E402
+from command_line import ArgumentParser  # noqa: E402
 from fineweb_shards import ShardLoader, write_shard  # noqa: E402
 from gpt2_tokenizer import get_encoding  # noqa: E402
 
@@ -154,7 +154,7 @@ def bench_loading(workdir: Path, shard_tokens: int, batches: int, reps: int) -> 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller inputs and fewer repetitions: under a minute")
     args = parser.parse_args()
     print(f"{datetime.date.today()}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, ", end="")

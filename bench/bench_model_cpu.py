@@ -25,6 +25,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from command_line import ArgumentParser  # noqa: E402
 from convert_gpt2_to_gpt_moe import convert_gpt2  # noqa: E402
 from cpu_memory import keep_freed_memory  # noqa: E402
 
@@ -131,7 +132,7 @@ def bench_memory(models: dict, shape: dict) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny shapes, few repetitions")
     parser.add_argument("--only", nargs="+", choices=("train", "generate", "memory"), default=None)
     args = parser.parse_args()

@@ -33,6 +33,7 @@ from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from command_line import ArgumentParser  # noqa: E402
 from configuration_gpt_moe import GPTMoEConfig  # noqa: E402
 from cpu_memory import keep_freed_memory  # noqa: E402
 from modeling_gpt_moe import GPTMoEForCausalLM, GPTMoEMLP, GPTMoESparseMoeBlock  # noqa: E402
@@ -78,14 +79,11 @@ def with_experts_implementation(module: torch.nn.Module, implementation: str, fn
 
 
 def fwd_bwd_fn(layer: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
-    """Forward and backward of one layer, gradients dropped after (as zero_grad does in training);
-    a MoE block's router logits are left out of the loss."""
+    """Forward and backward of one layer, gradients dropped after (as zero_grad does in training)."""
     grad_output = torch.randn_like(x)
 
     def run() -> None:
-        output = layer(x)
-        output = output[0] if isinstance(output, tuple) else output
-        output.backward(grad_output)
+        layer(x).backward(grad_output)
         layer.zero_grad(set_to_none=True)
         x.grad = None
 
@@ -242,7 +240,7 @@ def bench_vs_olmoe(shape: dict) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny shapes, few repetitions")
     parser.add_argument("--only", nargs="+", choices=("layers", "matmuls", "models", "olmoe"), default=None)
     args = parser.parse_args()

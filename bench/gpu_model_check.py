@@ -17,6 +17,7 @@ from timing import synchronizer, time_interleaved
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from command_line import ArgumentParser  # noqa: E402
 from configuration_gpt_moe import GPTMoEConfig  # noqa: E402
 from modeling_gpt_moe import GPTMoEForCausalLM  # noqa: E402
 
@@ -91,7 +92,7 @@ def compiled_forward_check(model: GPTMoEForCausalLM, ids: torch.Tensor, reps: in
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true", help="tiny model, few repetitions")
     parser.add_argument("--batch_size", type=int, default=8)

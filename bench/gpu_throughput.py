@@ -32,6 +32,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from command_line import ArgumentParser  # noqa: E402
 from configuration_gpt_moe import GPTMoEConfig  # noqa: E402
 from modeling_gpt_moe import GPTMoEForCausalLM  # noqa: E402
 from training_metrics import flops_per_token  # noqa: E402  (what train_accelerate.py reports MFU with)
@@ -303,7 +304,7 @@ def rounds_note(results: dict, args: argparse.Namespace) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true", help="tiny shape, few steps")
     parser.add_argument("--precision", choices=("autocast", "bf16"), default="autocast")

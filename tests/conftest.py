@@ -1,6 +1,13 @@
 """Shared fixtures: tiny models small enough that the whole suite runs in minutes on 2 cores."""
 
 import os
+
+# The tests make their own data and models: no Hub requests, so a missing repo fails at once rather than after
+# retries. Set before huggingface_hub is imported (it reads the variable then), for subprocesses too.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# a subprocess that crashes in native code (a segfault) prints its Python stack, as pytest does for its own
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")
+
 import platform
 import sys
 from pathlib import Path
@@ -11,11 +18,9 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
-# a subprocess that crashes in native code (a segfault) prints its Python stack, as pytest does for its own
-os.environ.setdefault("PYTHONFAULTHANDLER", "1")
 
-from configuration_gpt_moe import GPTMoEConfig  # noqa: E402
-from modeling_gpt_moe import GPTMoEForCausalLM  # noqa: E402
+from configuration_gpt_moe import GPTMoEConfig
+from modeling_gpt_moe import GPTMoEForCausalLM
 
 # cpu_memory.keep_freed_memory sets a glibc option
 requires_glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc setting")

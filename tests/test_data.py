@@ -429,7 +429,7 @@ def test_main_reports_input_mistakes_in_one_line(tmp_path, data_file, contents, 
     [
         (".jsonl", '{"text": "fine"}\n', b'{"text": "a"} {"text"\n', "cannot read it as json (JSON parse error"),
         (".jsonl", '{"text": "fine"}\n', b'{"text": "caf\xe9"}\n', "cannot read it as json ('utf-8' codec can't"),
-        (".json", '[{"text": "fine"}]', b'[{"text": "a"}, {"text": ', "cannot read it as json (Expected object"),
+        (".json", '[{"text": "fine"}]', b'[{"text": "a"}, {"text": ', "cannot read it as json ("),
         (".txt", "fine", b"caf\xe9 in latin-1", "cannot read it as text ('utf-8' codec can't decode byte 0xe9"),
     ],
     ids=["jsonl syntax", "jsonl latin-1", "json array syntax", "txt latin-1"],

@@ -9,11 +9,15 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 from accelerate.hooks import ModelHook, add_hook_to_module
 from conftest import tiny_config, tiny_model
+from packaging import version
 from torch.utils._python_dispatch import TorchDispatchMode
+from transformers.cache_utils import Cache, StaticCache
 from transformers.models.olmoe.modeling_olmoe import load_balancing_loss_func
 
+import modeling_gpt_moe
 from configuration_gpt_moe import GPTMoEConfig
 from convert_gpt2_to_gpt_moe import convert_gpt2
 from modeling_gpt_moe import GPTMoEForCausalLM, load_balancing_loss, router_z_loss
@@ -61,6 +65,43 @@ def test_upcycled_loss_is_dense_loss_plus_router_terms(tiny_gpt2):
 
 # ---------------------------------------------------------------- generation
 
+# transformers 5.24 renamed the KV cache argument of forward() and the field of the outputs
+RENAMED = version.parse(transformers.__version__) >= version.parse("5.24")
+GENERATE_CACHE_NAME = "cache" if RENAMED else "past_key_values"
+
+
+def cache_of(output):
+    """The KV cache a model or generate() output holds, read under the installed transformers' name."""
+    return getattr(output, GENERATE_CACHE_NAME)
+
+
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_generate_passes_the_cache_under_the_installed_name_and_reads_it_back(use_moe):
+    model = tiny_model(seed=2, use_moe=use_moe)
+    assert modeling_gpt_moe.CACHE_NAME == GENERATE_CACHE_NAME
+    received = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: received.append(dict(kwargs)), with_kwargs=True)
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    out = model.generate(random_ids(1, 5), return_dict_in_generate=True, **kwargs)
+    assert len(received) == 4
+    caches = [kwargs.get(GENERATE_CACHE_NAME) for kwargs in received]
+    assert all(isinstance(cache, Cache) for cache in caches) and all(cache is caches[0] for cache in caches)
+    assert [kwargs["input_ids"].shape[1] for kwargs in received] == [5, 1, 1, 1]  # decoding steps see one token
+    assert cache_of(out).get_seq_length() == 8  # the prompt and the first three new tokens
+
+
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_cached_logits_equal_uncached_logits(use_moe):
+    model = tiny_model(seed=2, use_moe=use_moe)
+    ids = random_ids(2, 9)
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        prefix = model(ids[:, :6], use_cache=True)
+        step = model(ids[:, 6:], **{GENERATE_CACHE_NAME: cache_of(prefix)}, use_cache=True)
+    assert cache_of(step).get_seq_length() == 9
+    torch.testing.assert_close(step.logits, full[:, 6:], atol=1e-5, rtol=0)
+    torch.testing.assert_close(prefix.logits, full[:, :6], atol=1e-5, rtol=0)
+
 
 @pytest.mark.parametrize("use_moe", [False, True])
 def test_generate_with_and_without_cache_and_left_padding(use_moe):
@@ -71,26 +112,55 @@ def test_generate_with_and_without_cache_and_left_padding(use_moe):
         uncached = greedy(model, torch.tensor([row]), use_cache=False)[0, len(row) :]
         assert torch.equal(uncached, expected)
     input_ids, attention_mask = left_padded(rows)
-    batch = greedy(model, input_ids, attention_mask=attention_mask)[:, input_ids.shape[1] :]
-    for generated, expected in zip(batch, alone, strict=True):
-        assert torch.equal(generated, expected)
+    for cache_implementation in ("dynamic", "static"):
+        batch = greedy(model, input_ids, attention_mask=attention_mask, cache_implementation=cache_implementation)
+        for generated, expected in zip(batch[:, input_ids.shape[1] :], alone, strict=True):
+            assert torch.equal(generated, expected), cache_implementation
 
 
-def test_beam_search_with_cache_equals_without():
-    model = tiny_model(seed=3)
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_beam_search_with_cache_equals_without(use_moe):
+    model = tiny_model(seed=3, use_moe=use_moe)
     ids = random_ids(2, 6)
     kwargs = dict(num_beams=3, max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert torch.equal(model.generate(ids, **kwargs), model.generate(ids, use_cache=False, **kwargs))
 
 
-def test_assisted_decoding_equals_greedy():
-    model, assistant = tiny_model(seed=4), tiny_model(seed=5, n_layer=1)
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_assisted_decoding_equals_greedy(use_moe):
+    model, assistant = tiny_model(seed=4, use_moe=use_moe), tiny_model(seed=5, n_layer=1)
     ids = random_ids(1, 6)
-    assert torch.equal(greedy(model, ids, assistant_model=assistant), greedy(model, ids))
+    assert torch.equal(greedy(model, ids, assistant_model=assistant), greedy(model, ids, use_cache=False))
 
 
-def test_generate_returns_scores_hidden_states_and_attentions():
-    model = tiny_model(seed=6)
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_generate_continues_from_a_returned_cache(use_moe):
+    model = tiny_model(seed=4, use_moe=use_moe)
+    ids = random_ids(2, 5)
+    first = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    continued = model.generate(
+        first.sequences, **{GENERATE_CACHE_NAME: cache_of(first)}, max_new_tokens=6, do_sample=False, pad_token_id=0
+    )
+    assert torch.equal(continued, greedy(model, ids, use_cache=False))
+
+
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_generate_from_inputs_embeds_equals_from_input_ids(use_moe):
+    model = tiny_model(seed=5, use_moe=use_moe)
+    ids = random_ids(2, 5)
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(ids)
+    mask = torch.ones_like(ids)  # the prompt may hold token 0, the pad token here
+    from_embeds = model.generate(
+        inputs_embeds=embeds, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0
+    )
+    from_ids = greedy(model, ids, attention_mask=mask, use_cache=False)
+    assert torch.equal(from_embeds, from_ids[:, 5:])  # only the new tokens come back
+
+
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_generate_returns_scores_hidden_states_and_attentions(use_moe):
+    model = tiny_model(seed=6, use_moe=use_moe)
     model.set_attn_implementation("eager")
     out = model.generate(
         random_ids(2, 5),
@@ -105,7 +175,30 @@ def test_generate_returns_scores_hidden_states_and_attentions():
     assert out.sequences.shape == (2, 9)
     assert len(out.scores) == 4 and out.scores[0].shape == (2, 96)
     assert len(out.hidden_states) == 4 and len(out.hidden_states[0]) == 3  # embeddings + 2 blocks
-    assert len(out.attentions) == 4 and out.attentions[-1][0].shape == (2, 4, 1, 8)
+    assert out.hidden_states[0][0].shape == (2, 5, 32) and out.hidden_states[-1][-1].shape == (2, 1, 32)
+    assert len(out.attentions) == 4 and len(out.attentions[-1]) == 2
+    assert out.attentions[0][0].shape == (2, 4, 5, 5) and out.attentions[-1][1].shape == (2, 4, 1, 8)
+
+
+def test_compiled_static_cache_decoding_matches_eager():
+    # what _can_compile_fullgraph declares: decoding with a static cache compiles as one graph
+    model = tiny_model(seed=6)
+    ids = random_ids(2, 4)
+    compiled = torch.compile(model, fullgraph=True)
+    logits = {}
+    for name, forward in (("eager", model), ("compiled", compiled)):
+        cache = StaticCache(config=model.config, max_cache_len=16)
+        tokens, steps = ids, []
+        with torch.no_grad():
+            for position in range(4, 8):
+                step_ids = tokens if position == 4 else tokens[:, -1:]
+                positions = torch.arange(position - step_ids.shape[1], position).expand(2, -1)
+                out = forward(step_ids, position_ids=positions, **{GENERATE_CACHE_NAME: cache}, use_cache=True)
+                steps.append(out.logits[:, -1])
+                tokens = torch.cat([tokens, out.logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        logits[name] = torch.stack(steps)
+    torch._dynamo.reset()
+    torch.testing.assert_close(logits["compiled"], logits["eager"], atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- backends agree
@@ -152,6 +245,18 @@ def test_compiled_forward_matches_eager():
     assert grads.keys() == ref_grads.keys() and any(".experts." in name for name in grads)
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_training_forward_traces_as_one_graph(autocast):
+    # a graph break costs speed silently: torch 2.11 could not trace torch.amp.is_autocast_available, and the
+    # output-recording hooks, installed at the first call that records, broke the graph of the first training step
+    model = tiny_model(seed=11).train()
+    ids = random_ids(2, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        explanation = torch._dynamo.explain(model)(ids, labels=ids)
+    torch._dynamo.reset()
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
 
 
 class GroupedGemmDtypes(TorchDispatchMode):
@@ -269,9 +374,8 @@ def test_moe_block_matches_naive_float64_reference(top_k, norm_topk_prob, n_shar
                 param.normal_(std=0.1)
         block.router.weight.normal_(std=1.0)  # confident routing: distinct top-k choices
         x = torch.randn(2, 9, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-        out, router_logits = block(x)
+        out = block(x)
         expected = naive_moe(block, x.view(-1, 32), top_k, norm_topk_prob).view_as(x)
-    assert router_logits.shape == (18, 4)
     torch.testing.assert_close(out, expected, atol=1e-10, rtol=0)
 
 
@@ -284,7 +388,7 @@ def test_every_token_reaches_its_experts_even_when_all_pick_one():
         block.router.weight.zero_()
         block.router.weight[0] = 10.0
         x = torch.rand(1, 40, 32, dtype=torch.float64) + 0.1  # positive: expert 0 wins for every token
-        out, _ = block(x)
+        out = block(x)
         expected = naive_moe(block, x.view(-1, 32), 1, False).view_as(x)
     torch.testing.assert_close(out, expected, atol=1e-10, rtol=0)
 
@@ -310,7 +414,7 @@ def test_moe_block_gradients_match_naive_float64_reference(top_k, all_to_expert_
         (forward(inputs) * grad_output).sum().backward()
         return {"input": inputs.grad, **{name: p.grad for name, p in block.named_parameters()}}
 
-    ours = gradients(lambda inputs: block(inputs)[0])
+    ours = gradients(block)
     expected = gradients(lambda inputs: naive_moe(block, inputs.view(-1, 32), top_k, False).view_as(inputs))
     for name in expected:
         torch.testing.assert_close(ours[name], expected[name], atol=1e-10, rtol=0, msg=name)
@@ -374,15 +478,67 @@ def test_loss_is_cross_entropy_plus_weighted_router_losses(output_router_logits)
     torch.testing.assert_close(model(ids, shift_labels=shifted).loss, out.loss)
 
 
-def test_router_logits_config_default_and_call_override():
+RECORDABLE = ("hidden_states", "attentions", "router_logits")
+
+
+def recorded_by_hand(model: GPTMoEForCausalLM, ids: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """What every block, attention and router computes on ids, caught by forward hooks of our own, and the logits."""
+    seen = {name: [] for name in RECORDABLE}
+    modules = [(block, "hidden_states") for block in model.transformer.h]
+    modules += [(block.attn, "attentions") for block in model.transformer.h]
+    modules += [(module, "router_logits") for module in model.modules() if type(module).__name__ == "GPTMoERouter"]
+    handles = [
+        module.register_forward_hook(lambda _, args, output, name=name: seen[name].append((args[0], output)))
+        for module, name in modules
+    ]
+    with torch.no_grad():
+        logits = model(ids).logits
+    for handle in handles:
+        handle.remove()
+    return seen, logits
+
+
+@pytest.mark.parametrize("asked_in", ["call", "config"])
+def test_hidden_states_attentions_and_router_logits_recorded_when_asked(asked_in):
     model = tiny_model(seed=12, n_layer=3, mlp_only_layers=[1])
+    model.set_attn_implementation("eager")
+    ids = random_ids(2, 7)
+    seen, logits = recorded_by_hand(model, ids)
+    with torch.no_grad():
+        plain = model(ids)
+        if asked_in == "config":
+            for name in RECORDABLE:
+                setattr(model.config, f"output_{name}", True)
+            out = model(ids)
+        else:
+            out = model(ids, **{f"output_{name}": True for name in RECORDABLE})
+    assert all(getattr(plain, name) is None for name in RECORDABLE)
+    torch.testing.assert_close(out.logits, logits)
+    # embeddings, then each block's output, the last one after ln_f
+    blocks = seen["hidden_states"]
+    assert len(out.hidden_states) == 4
+    block_inputs = [block_input for block_input, _ in blocks]
+    for recorded, expected in zip(out.hidden_states, block_inputs, strict=False):  # the last one below
+        torch.testing.assert_close(recorded, expected)
+    torch.testing.assert_close(out.hidden_states[-1], model.transformer.ln_f(blocks[-1][1]))
+    assert len(out.attentions) == 3 and out.attentions[0].shape == (2, 4, 7, 7)
+    for recorded, (_, (_, weights)) in zip(out.attentions, seen["attentions"], strict=True):
+        torch.testing.assert_close(recorded, weights)
+    assert torch.all(out.attentions[0].triu(diagonal=1) == 0)  # causal
+    assert len(out.router_logits) == 2 and out.router_logits[0].shape == (14, 4)  # the two MoE layers
+    for recorded, (_, (router_logits, _, _)) in zip(out.router_logits, seen["router_logits"], strict=True):
+        torch.testing.assert_close(recorded, router_logits)
+    if asked_in == "config":  # the call overrides the config
+        with torch.no_grad():
+            out = model(ids, **{f"output_{name}": False for name in RECORDABLE})
+        assert all(getattr(out, name) is None for name in RECORDABLE)
+
+
+def test_dense_model_has_no_router_logits_or_aux_loss():
+    model = tiny_model(seed=12, use_moe=False)
     ids = random_ids(2, 5)
-    assert model(ids).router_logits is None
-    logits = model(ids, output_router_logits=True).router_logits
-    assert len(logits) == 2 and logits[0].shape == (10, 4)
-    model.config.output_router_logits = True
-    assert len(model(ids).router_logits) == 2
-    assert model(ids, output_router_logits=False).router_logits is None
+    out = model(ids, labels=ids, output_router_logits=True)
+    assert out.router_logits is None and out.aux_loss is None and out.z_loss is None
 
 
 def test_dense_layer_pattern():
@@ -394,16 +550,9 @@ def test_dense_layer_pattern():
 # ---------------------------------------------------------------- transformers conventions
 
 
-def test_hidden_states_attentions_and_tuple_outputs():
+def test_tuple_outputs():
     model = tiny_model(seed=13)
-    model.set_attn_implementation("eager")
     ids = random_ids(2, 7)
-    out = model(ids, output_hidden_states=True, output_attentions=True)
-    assert len(out.hidden_states) == 3
-    torch.testing.assert_close(model.transformer(ids).last_hidden_state, out.hidden_states[-1])
-    assert len(out.attentions) == 2 and out.attentions[0].shape == (2, 4, 7, 7)
-    torch.testing.assert_close(out.attentions[0].sum(-1), torch.ones(2, 4, 7))
-    assert torch.all(out.attentions[0].triu(diagonal=1) == 0)  # causal
     as_tuple = model(ids, labels=ids, return_dict=False)
     assert isinstance(as_tuple, tuple)
     torch.testing.assert_close(as_tuple[0], model(ids, labels=ids).loss)
@@ -443,14 +592,27 @@ def test_resize_token_embeddings_keeps_weights_tied():
     assert model(random_ids(1, 4, vocab=128)).logits.shape == (1, 4, 128)
 
 
-def test_tensor_parallel_plan_names_real_parameters():
-    model = tiny_model(seed=16, n_shared_experts=1, mlp_only_layers=[0])
+@pytest.mark.parametrize(
+    "overrides, sharded",
+    [
+        (dict(use_moe=False), {"mlp.c_fc"}),
+        (dict(), {"experts"}),
+        (dict(n_shared_experts=1), {"experts", "shared_experts"}),
+        (dict(n_shared_experts=1, mlp_only_layers=[0]), {"mlp.c_fc", "experts", "shared_experts"}),
+    ],
+)
+def test_tensor_parallel_plan_names_only_modules_the_config_builds(tmp_path, overrides, sharded):
+    model = tiny_model(seed=16, **overrides)
     names = {name for name, _ in model.transformer.named_parameters()} | {
         name for name, _ in model.transformer.named_modules()
     }
-    for pattern in GPTMoEConfig.base_model_tp_plan:  # 5.17 adds an `embed_tokens` rule of its own
+    plan = model.config.base_model_tp_plan
+    for pattern in plan:
         regex = pattern.replace(".", r"\.").replace("*", r"\d+")
         assert any(re.fullmatch(regex, name) for name in names), pattern
+    assert {part for part in ("mlp.c_fc", "experts", "shared_experts") if any(part in p for p in plan)} == sharded
+    model.save_pretrained(tmp_path)
+    assert GPTMoEForCausalLM.from_pretrained(tmp_path).config.base_model_tp_plan == plan
     assert "GPTMoEBlock" in model._no_split_modules
 
 

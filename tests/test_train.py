@@ -27,6 +27,7 @@ import hellaswag
 import train_accelerate
 from fineweb_shards import write_shard
 from gpt2_tokenizer import get_tokenizer
+from modeling_gpt_moe import GPTMoEForCausalLM
 
 SCRIPT = str(REPO_ROOT / "train_accelerate.py")
 LAUNCH_TWO = [
@@ -190,13 +191,70 @@ def test_checkpoint_is_a_hub_ready_folder_with_the_training_state(two_process_ru
     assert "warning: push of model_00004 to nobody/tiny-moe failed" in result.stdout
 
 
-def test_checkpoint_loads_and_generates_in_a_fresh_process(two_process_run, tmp_path):
+# Runs with its working directory outside the repository and our modules made unimportable: the model comes from the
+# checkpoint's own code files (remote code). Prints, as JSON on the last line, the greedy tokens with and without the
+# KV cache and, with the cache, the logits of each decoding step over the ids of the training cycle.
+REMOTE_CODE_GENERATE = """
+import json, sys, torch
+for name in ("configuration_gpt_moe", "modeling_gpt_moe"):
+    sys.modules[name] = None
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+prompt = torch.tensor([json.loads(sys.argv[2])])
+kwargs = dict(max_new_tokens=12, do_sample=False, return_dict_in_generate=True, output_logits=True)
+cached, uncached = (model.generate(prompt, use_cache=use_cache, **kwargs) for use_cache in (True, False))
+print(json.dumps({
+    "module": type(model).__module__,
+    "cached": cached.sequences[0].tolist(),
+    "uncached": uncached.sequences[0].tolist(),
+    "logits": torch.cat(cached.logits)[:, 1000:1061].tolist(),
+}))
+"""
+
+
+def generate_as_remote_code(checkpoint: Path, prompt: list[int], cwd: Path) -> dict:
+    result = run([sys.executable, "-c", REMOTE_CODE_GENERATE, checkpoint, json.dumps(prompt)], cwd)
+    assert result.returncode == 0, printed(result)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_checkpoint_generates_as_remote_code_what_the_saved_model_generates(two_process_run, tmp_path):
+    checkpoint = two_process_run[0] / f"model_{STEPS:05d}"
+    prompt = [1000 + i for i in (7, 3, 41, 12)]
+    got = generate_as_remote_code(checkpoint, prompt, tmp_path)
+    assert got["module"].startswith("transformers_modules.")
+    saved = GPTMoEForCausalLM.from_pretrained(checkpoint).eval()
+    expected = saved.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, use_cache=False)
+    assert got["cached"] == got["uncached"] == expected[0].tolist()
+    # each decoding step's logits equal a full forward pass over the sequence so far
+    with torch.no_grad():
+        full = saved(expected).logits[0, len(prompt) - 1 : -1, 1000:1061]
+    torch.testing.assert_close(torch.tensor(got["logits"]), full, atol=1e-4, rtol=0)
+
+
+def test_old_checkpoint_takes_new_code_files_with_one_copy(two_process_run, tmp_path):
+    # the README's update command for a checkpoint saved with an older modeling file: copy the two code files in
+    checkpoint = tmp_path / "model_old"
+    shutil.copytree(two_process_run[0] / f"model_{STEPS:05d}", checkpoint)
+    modeling = checkpoint / "modeling_gpt_moe.py"
+    modeling.write_text(modeling.read_text() + "\nraise ImportError('the old modeling file')\n")
+    stale = run([sys.executable, "-c", REMOTE_CODE_GENERATE, checkpoint, "[1000]"], tmp_path)
+    assert "the old modeling file" in stale.stderr  # loaded from the checkpoint, and cached by transformers
+    weights = (checkpoint / "model.safetensors").read_bytes()
+    update = subprocess.run(["cp", "configuration_gpt_moe.py", "modeling_gpt_moe.py", checkpoint], cwd=REPO_ROOT)
+    assert update.returncode == 0
+    assert generate_as_remote_code(checkpoint, [1000], tmp_path)["cached"][0] == 1000
+    assert (checkpoint / "model.safetensors").read_bytes() == weights
+
+
+def test_sample_py_runs_outside_the_repository(two_process_run, tmp_path):
     # a copy of sample.py, run elsewhere: nothing of the repository is on its path
     shutil.copy(REPO_ROOT / "sample.py", tmp_path)
     checkpoint = two_process_run[0] / "model_00008"
     command = [sys.executable, "sample.py", checkpoint, "--num_samples", "2", "--max_new_tokens", "8"]
     result = run(command, tmp_path)
     assert result.returncode == 0, printed(result)
+    assert result.stderr == ""  # no warnings
     samples = [line for line in result.stdout.splitlines() if line.startswith("sample ")]
     assert len(samples) == 2 and all("Hello, I'm a language model," in sample for sample in samples)
 
@@ -275,12 +333,15 @@ def test_nonfinite_loss_stops_with_a_checkpoint(corpus, tmp_path):
 def test_bad_input_is_one_clear_line(corpus, tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "typo.yaml").write_text("max_lrr: 0.001\n")
+    (tmp_path / "bad_value.yaml").write_text("max_steps: many\n")
     data = ["--data_dir", corpus]
     cases = {
         "missing data dir": (["--data_dir", tmp_path / "nowhere"], "nowhere: no such directory"),
         "no shards": (["--data_dir", tmp_path / "empty"], "no train shards"),
         "batch arithmetic": ([*data, "--total_batch_size", "1000"], "set --total_batch_size to a multiple of it"),
         "unknown config key": ([*data, "--config", tmp_path / "typo.yaml"], "unknown key 'max_lrr' (did you mean"),
+        "bad config value": ([*data, "--config", tmp_path / "bad_value.yaml"], "bad_value.yaml: argument --max_steps"),
+        "unknown flag": ([*data, "--max_lrr", "3"], "unknown flag --max_lrr (did you mean '--max_lr'?)"),
     }
     # started side by side: each spends most of its few seconds importing
     processes = {
