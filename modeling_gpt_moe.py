@@ -25,9 +25,14 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils import TransformersKwargs, can_return_tuple, logging
 from transformers.utils.generic import merge_with_config_defaults
-from transformers.utils.output_capturing import OutputRecorder, capture_outputs, maybe_install_capturing_hooks
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+try:  # a helper of the output capturing, not its interface: without it the hooks come at the first recording call
+    from transformers.utils.output_capturing import maybe_install_capturing_hooks
+except ImportError:
+    maybe_install_capturing_hooks = None
 
 try:
     from .configuration_gpt_moe import GPTMoEConfig
@@ -38,6 +43,15 @@ except ImportError:  # imported from the repository root rather than as remote c
 # output field it reads back and create_causal_mask's argument. The forwards accept either name; the cache goes back
 # to transformers under the installed version's name.
 CACHE_NAME = "cache" if "cache" in MoeModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+logger = logging.get_logger(__name__)
+
+
+def either_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    """The KV cache, passed as `cache` (transformers 5.24 on) or as `past_key_values` (before)."""
+    if cache is not None and past_key_values is not None:
+        raise ValueError("Pass the KV cache as `cache` or as `past_key_values`, not both.")
+    return cache if cache is not None else past_key_values
 
 
 def eager_attention_forward(
@@ -261,7 +275,7 @@ class GPTMoEPreTrainedModel(PreTrainedModel):
     base_model_prefix = "transformer"
     supports_gradient_checkpointing = True
     _no_split_modules = ["GPTMoEBlock"]
-    _skip_keys_device_placement = [CACHE_NAME]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
@@ -313,7 +327,8 @@ class GPTMoEModel(GPTMoEPreTrainedModel):
         self.post_init()
         # now rather than at the first call that records outputs: installing them inside torch.compile (a training
         # step records the router logits) breaks the graph
-        maybe_install_capturing_hooks(self)
+        if maybe_install_capturing_hooks is not None:
+            maybe_install_capturing_hooks(self)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.wte
@@ -336,7 +351,11 @@ class GPTMoEModel(GPTMoEPreTrainedModel):
     ) -> MoeModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-        cache = cache if cache is not None else past_key_values
+        cache = either_cache(cache, past_key_values)
+        if cache is not None and self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            # the backward pass reruns each block, which would write its keys and values to the cache again
+            logger.warning_once("Gradient checkpointing is on while training: the KV cache is not used.")
+            cache = None
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
 
@@ -441,7 +460,7 @@ class GPTMoEForCausalLM(GPTMoEPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache if cache is not None else past_key_values,
+            cache=either_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_router_logits=output_router_logits or has_targets,
@@ -455,6 +474,7 @@ class GPTMoEForCausalLM(GPTMoEPreTrainedModel, GenerationMixin):
         if has_targets:
             loss = self.loss_function(logits, labels, self.config.vocab_size, shift_labels=shift_labels, **kwargs)
         if outputs.router_logits:  # None when not recorded, () for a dense model
+            self._check_router_logits_carry_gradients(outputs.router_logits[0])
             token_mask = self._router_token_mask(attention_mask, outputs.router_logits[0].shape[0])
             aux_loss = load_balancing_loss(outputs.router_logits, self.config.num_experts_per_tok, token_mask)
             z_loss = router_z_loss(outputs.router_logits, token_mask)
@@ -471,6 +491,19 @@ class GPTMoEForCausalLM(GPTMoEPreTrainedModel, GenerationMixin):
             router_logits=(outputs.router_logits or None) if output_router_logits else None,
             **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
         )
+
+    def _check_router_logits_carry_gradients(self, router_logits: torch.Tensor) -> None:
+        """Reentrant activation checkpointing (use_reentrant=True) runs each block without autograd, so the router
+        logits recorded inside it carry no gradient: the router losses would silently not train the routers."""
+        if router_logits.requires_grad or not torch.is_grad_enabled():
+            return
+        routers = [module for module in self.modules() if isinstance(module, GPTMoERouter)]
+        if any(router.weight.requires_grad for router in routers):
+            raise ValueError(
+                "The router logits carry no gradient, so the load-balancing and z-losses would not train the "
+                "routers: this happens under reentrant activation checkpointing. Enable checkpointing with "
+                "use_reentrant=False (transformers' default) in its kwargs."
+            )
 
     @staticmethod
     def _router_token_mask(attention_mask: torch.Tensor | None, num_tokens: int) -> torch.Tensor | None:

@@ -10,7 +10,6 @@ setting is a field of the two dataclasses below; `--config recipe.yaml` sets any
 command-line flags override the recipe.
 """
 
-import argparse
 import difflib
 import json
 import math
@@ -166,9 +165,7 @@ def parse_arguments(argv: list[str] | None = None) -> tuple:
     """(ModelArguments, TrainArguments) from a YAML recipe (--config) overridden by command-line flags."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = ArgumentParser((ModelArguments, TrainArguments), usage=USAGE, description=__doc__.split("\n\n")[0])
-    peek = argparse.ArgumentParser(add_help=False)
-    peek.add_argument("--config")
-    recipe = peek.parse_known_args(argv)[0].config
+    recipe = parser.parse_known_args(argv)[0].config
     if recipe:
         known = {f.name for dataclass_type in (ModelArguments, TrainArguments) for f in fields(dataclass_type)}
         recipe_argv = recipe_flags(read_recipe(recipe, known - {"config"}))

@@ -14,7 +14,7 @@ from accelerate.hooks import ModelHook, add_hook_to_module
 from conftest import tiny_config, tiny_model
 from packaging import version
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers.cache_utils import Cache, StaticCache
+from transformers.cache_utils import Cache, DynamicCache, StaticCache
 from transformers.models.olmoe.modeling_olmoe import load_balancing_loss_func
 
 import modeling_gpt_moe
@@ -553,13 +553,16 @@ def test_dense_layer_pattern():
 def test_tuple_outputs():
     model = tiny_model(seed=13)
     ids = random_ids(2, 7)
-    as_tuple = model(ids, labels=ids, return_dict=False)
-    assert isinstance(as_tuple, tuple)
-    torch.testing.assert_close(as_tuple[0], model(ids, labels=ids).loss)
+    with torch.no_grad():
+        out = model(ids, labels=ids)
+        loss, aux_loss, logits, cache, z_loss = model(ids, labels=ids, return_dict=False)
+    for got, expected in ((loss, out.loss), (aux_loss, out.aux_loss), (logits, out.logits), (z_loss, out.z_loss)):
+        torch.testing.assert_close(got, expected)
+    assert isinstance(cache, Cache) and cache.get_seq_length() == 7
 
 
-def enable_activation_checkpointing(model: GPTMoEForCausalLM) -> None:
-    kwargs = {"use_reentrant": False}
+def enable_activation_checkpointing(model: GPTMoEForCausalLM, use_reentrant: bool = False) -> None:
+    kwargs = {"use_reentrant": use_reentrant}
     if hasattr(model, "activation_checkpointing_enable"):  # the name in 5.23 (not in 5.17)
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:  # deprecated in 5.23, the only name in 5.17 (the GPU image)
@@ -582,6 +585,33 @@ def test_gradient_checkpointing_recomputes_blocks_and_gives_same_gradients():
     assert block_calls == [1, 2]  # checkpointing is on: the block ran again in the backward
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, msg=name)
+
+
+def test_reentrant_checkpointing_is_refused_where_the_router_losses_would_not_train():
+    # reentrant checkpointing runs the blocks without autograd: the router logits recorded there carry no gradient
+    ids = random_ids(2, 12)
+    model = tiny_model(seed=14).train()
+    enable_activation_checkpointing(model, use_reentrant=True)
+    with pytest.raises(ValueError, match="use_reentrant=False"):
+        model(ids, labels=ids)
+    model.transformer.requires_grad_(False)  # frozen routers (the embeddings keep the loss differentiable)
+    model.transformer.wte.requires_grad_(True)
+    model(ids, labels=ids).loss.backward()
+    dense = tiny_model(seed=14, use_moe=False).train()
+    enable_activation_checkpointing(dense, use_reentrant=True)
+    dense(ids, labels=ids).loss.backward()
+
+
+def test_checkpointed_training_leaves_a_given_cache_alone():
+    ids = random_ids(2, 12)
+    model = tiny_model(seed=14).train()
+    expected = model(ids, labels=ids, use_cache=False).loss
+    enable_activation_checkpointing(model)
+    cache = DynamicCache(config=model.config)
+    out = model(ids, labels=ids, **{GENERATE_CACHE_NAME: cache})
+    out.loss.backward()
+    assert cache.get_seq_length() == 0  # the backward's rerun of each block would have written it twice
+    torch.testing.assert_close(out.loss, expected)
 
 
 def test_resize_token_embeddings_keeps_weights_tied():

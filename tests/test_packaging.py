@@ -59,6 +59,8 @@ def test_installed_package_saves_a_model_that_loads_as_remote_code(installed, tm
     assert run_installed(installed, tmp_path, sys.executable, "-c", REMOTE_CODE_USE, model) == tokens
 
 
-@pytest.mark.parametrize("tool", ["gpt-moe-train", "gpt-moe-prepare", "gpt-moe-sample", "gpt-moe-hellaswag"])
+@pytest.mark.parametrize(
+    "tool", ["gpt-moe-train", "gpt-moe-prepare", "gpt-moe-sample", "gpt-moe-hellaswag", "gpt-moe-convert"]
+)
 def test_console_scripts_start(installed, tmp_path, tool):
     assert "usage:" in run_installed(installed, tmp_path, tool, "--help")

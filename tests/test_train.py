@@ -243,7 +243,10 @@ def test_old_checkpoint_takes_new_code_files_with_one_copy(two_process_run, tmp_
     weights = (checkpoint / "model.safetensors").read_bytes()
     update = subprocess.run(["cp", "configuration_gpt_moe.py", "modeling_gpt_moe.py", checkpoint], cwd=REPO_ROOT)
     assert update.returncode == 0
-    assert generate_as_remote_code(checkpoint, [1000], tmp_path)["cached"][0] == 1000
+    saved = GPTMoEForCausalLM.from_pretrained(checkpoint).eval()
+    expected = saved.generate(torch.tensor([[1000]]), max_new_tokens=12, do_sample=False, use_cache=False)
+    got = generate_as_remote_code(checkpoint, [1000], tmp_path)
+    assert got["cached"] == got["uncached"] == expected[0].tolist()
     assert (checkpoint / "model.safetensors").read_bytes() == weights
 
 
@@ -342,6 +345,7 @@ def test_bad_input_is_one_clear_line(corpus, tmp_path):
         "unknown config key": ([*data, "--config", tmp_path / "typo.yaml"], "unknown key 'max_lrr' (did you mean"),
         "bad config value": ([*data, "--config", tmp_path / "bad_value.yaml"], "bad_value.yaml: argument --max_steps"),
         "unknown flag": ([*data, "--max_lrr", "3"], "unknown flag --max_lrr (did you mean '--max_lr'?)"),
+        "recipe flag without its file": ([*data, "--config"], "argument --config: expected one argument"),
     }
     # started side by side: each spends most of its few seconds importing
     processes = {
