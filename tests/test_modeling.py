@@ -20,7 +20,7 @@ from transformers.models.olmoe.modeling_olmoe import load_balancing_loss_func
 import modeling_gpt_moe
 from configuration_gpt_moe import GPTMoEConfig
 from convert_gpt2_to_gpt_moe import convert_gpt2
-from modeling_gpt_moe import GPTMoEForCausalLM, load_balancing_loss, router_z_loss
+from modeling_gpt_moe import GPTMoEForCausalLM, GPTMoERouter, load_balancing_loss, router_z_loss
 
 
 def random_ids(batch: int, length: int, seed: int = 1, vocab: int = 96) -> torch.Tensor:
@@ -486,7 +486,7 @@ def recorded_by_hand(model: GPTMoEForCausalLM, ids: torch.Tensor) -> tuple[dict,
     seen = {name: [] for name in RECORDABLE}
     modules = [(block, "hidden_states") for block in model.transformer.h]
     modules += [(block.attn, "attentions") for block in model.transformer.h]
-    modules += [(module, "router_logits") for module in model.modules() if type(module).__name__ == "GPTMoERouter"]
+    modules += [(module, "router_logits") for module in model.modules() if isinstance(module, GPTMoERouter)]
     handles = [
         module.register_forward_hook(lambda _, args, output, name=name: seen[name].append((args[0], output)))
         for module, name in modules

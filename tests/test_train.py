@@ -218,17 +218,23 @@ def generate_as_remote_code(checkpoint: Path, prompt: list[int], cwd: Path) -> d
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def greedy_uncached(checkpoint: Path, prompt: list[int]) -> list[int]:
+    """What the saved weights generate, loaded with this repository's class and decoded without a cache."""
+    saved = GPTMoEForCausalLM.from_pretrained(checkpoint).eval()
+    return saved.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, use_cache=False)[0].tolist()
+
+
 def test_checkpoint_generates_as_remote_code_what_the_saved_model_generates(two_process_run, tmp_path):
     checkpoint = two_process_run[0] / f"model_{STEPS:05d}"
     prompt = [1000 + i for i in (7, 3, 41, 12)]
     got = generate_as_remote_code(checkpoint, prompt, tmp_path)
     assert got["module"].startswith("transformers_modules.")
-    saved = GPTMoEForCausalLM.from_pretrained(checkpoint).eval()
-    expected = saved.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, use_cache=False)
-    assert got["cached"] == got["uncached"] == expected[0].tolist()
+    expected = greedy_uncached(checkpoint, prompt)
+    assert got["cached"] == got["uncached"] == expected
     # each decoding step's logits equal a full forward pass over the sequence so far
     with torch.no_grad():
-        full = saved(expected).logits[0, len(prompt) - 1 : -1, 1000:1061]
+        full = GPTMoEForCausalLM.from_pretrained(checkpoint)(torch.tensor([expected])).logits
+    full = full[0, len(prompt) - 1 : -1, 1000:1061]
     torch.testing.assert_close(torch.tensor(got["logits"]), full, atol=1e-4, rtol=0)
 
 
@@ -243,10 +249,8 @@ def test_old_checkpoint_takes_new_code_files_with_one_copy(two_process_run, tmp_
     weights = (checkpoint / "model.safetensors").read_bytes()
     update = subprocess.run(["cp", "configuration_gpt_moe.py", "modeling_gpt_moe.py", checkpoint], cwd=REPO_ROOT)
     assert update.returncode == 0
-    saved = GPTMoEForCausalLM.from_pretrained(checkpoint).eval()
-    expected = saved.generate(torch.tensor([[1000]]), max_new_tokens=12, do_sample=False, use_cache=False)
     got = generate_as_remote_code(checkpoint, [1000], tmp_path)
-    assert got["cached"] == got["uncached"] == expected[0].tolist()
+    assert got["cached"] == got["uncached"] == greedy_uncached(checkpoint, [1000])
     assert (checkpoint / "model.safetensors").read_bytes() == weights
 
 
