@@ -25,7 +25,8 @@ import yaml
 from accelerate import Accelerator
 from huggingface_hub import HfApi
 from torch import nn
-from transformers import PreTrainedTokenizerBase
+from torch.distributed.fsdp import FSDPModule
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 if __package__:  # installed: these modules are the package gpt_moe
     from .training_metrics import active_parameters
@@ -47,6 +48,20 @@ class CheckpointError(ValueError):
 
 def checkpoint_path(output_dir: str | Path, step: int) -> Path:
     return Path(output_dir) / f"model_{step:05d}"
+
+
+def save_model(model: PreTrainedModel, folder: Path, state_dict: dict) -> None:
+    """save_pretrained with the full `state_dict`, also for a model sharded by FSDP2's fully_shard.
+
+    fully_shard gives the model a subclass of its class, defined in torch: save_pretrained would copy that
+    subclass's source files (torch's) into the folder as the model's code, and name it in auto_map.
+    """
+    sharded_class = type(model)
+    model.__class__ = next(cls for cls in sharded_class.__mro__ if not issubclass(cls, FSDPModule))
+    try:
+        model.save_pretrained(folder, state_dict=state_dict)
+    finally:
+        model.__class__ = sharded_class
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -111,12 +126,15 @@ class Checkpointer:
         # the full state dict: under FSDP this gathers the shards, so every process takes part
         state_dict = accelerator.get_state_dict(self.model)
         if accelerator.is_main_process:
-            accelerator.unwrap_model(self.model).save_pretrained(partial, state_dict=state_dict)
+            save_model(accelerator.unwrap_model(self.model), partial, state_dict)
             self.tokenizer.save_pretrained(partial)
             tokens = step * self.config["total_batch_size"]
             card = model_card(self.repo_name, step, tokens, metrics, self.config, self.param_counts)
             (partial / "README.md").write_text(card)
         accelerator.save_state(partial / TRAINING_STATE)
+        # save_state returns on each process when its own files are written: under FSDP the main process got here
+        # as the others did and would rename the folder before they write their random states into it
+        accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             trainer_state = {
                 "step": step,
@@ -140,6 +158,12 @@ class Checkpointer:
     def restore(self, path: Path) -> int:
         """Load model, optimizer, RNG and data position from a checkpoint; returns the step to continue from."""
         trainer_state = json.loads((path / TRAINING_STATE / TRAINER_STATE_FILE).read_text())
+        # one optimizer's state does not load into another (checkpoints from before --optimizer are AdamW's)
+        saved, wanted = trainer_state["config"].get("optimizer", "adamw"), self.config.get("optimizer", "adamw")
+        if saved != wanted:
+            raise CheckpointError(
+                f"cannot resume from {path}: it was trained with --optimizer {saved}; resume with it"
+            )
         try:
             self.train_loader.load_state_dict(trainer_state["train_loader"])
         except ValueError as error:

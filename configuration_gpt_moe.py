@@ -2,6 +2,7 @@
 
 from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
+from transformers.distributed import DistributedConfig
 
 
 class GPTMoEConfig(PretrainedConfig):
@@ -22,7 +23,16 @@ class GPTMoEConfig(PretrainedConfig):
             n_shared_experts * moe_intermediate_size and added to the routed output.
         norm_topk_prob: renormalise the top-k router probabilities to sum to one (Mixtral).
             Needed for an upcycled model to start out computing exactly the dense function.
+        routed_scaling_factor: multiplies the routing weights (DeepSeek-V3's name; torchtitan's route_scale).
+            With renormalised weights, num_experts_per_tok makes the routed experts add up to a dense MLP of
+            their combined width at the start; 1.0 (the default) keeps an upcycled model exact.
         router_aux_loss_coef: weight of the Switch load-balancing loss (1.0 at perfect balance).
+        router_aux_loss_scope: "micro_batch" takes the load-balancing loss's expert shares f_i from each
+            micro-batch (Switch); "global_batch" from every process and micro-step of the optimizer step so far
+            (Qwen, arXiv 2501.11873; Megatron-LM's global_aux_loss), which lets experts specialise.
+        router_bias_update_rate: aux-loss-free balancing (DeepSeek-V3): a per-expert bias added to the router
+            probabilities to choose the top-k only, moved by this much towards balance after every optimizer
+            step (`GPTMoEForCausalLM.finish_step`). 0.0 turns it off; DeepSeek-V3 uses 1e-3.
         router_z_loss_coef: weight of the router z-loss (ST-MoE).
         output_router_logits: return the router logits of every MoE layer.
         mlp_only_layers: indices of layers that keep a dense MLP.
@@ -62,7 +72,10 @@ class GPTMoEConfig(PretrainedConfig):
     moe_intermediate_size: int | None = None
     n_shared_experts: int = 0
     norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
     router_aux_loss_coef: float = 0.01
+    router_aux_loss_scope: str = "micro_batch"
+    router_bias_update_rate: float = 0.0
     router_z_loss_coef: float = 0.001
     output_router_logits: bool = False
     mlp_only_layers: list[int] | None = None
@@ -75,6 +88,7 @@ class GPTMoEConfig(PretrainedConfig):
         super().__post_init__(**kwargs)
         self.check()
         self.base_model_tp_plan = self.tensor_parallel_plan()
+        self.base_model_ep_plan = self.expert_parallel_plan()
 
     def check(self) -> None:
         """Raise a ValueError naming the offending field and the fix."""
@@ -95,7 +109,14 @@ class GPTMoEConfig(PretrainedConfig):
                 f"num_experts_per_tok (top-k, {self.num_experts_per_tok}) must be between 1 and "
                 f"num_experts ({self.num_experts}): lower num_experts_per_tok or raise num_experts."
             )
-        for name in ("router_aux_loss_coef", "router_z_loss_coef", "n_shared_experts", "dropout"):
+        if self.router_aux_loss_scope not in ("micro_batch", "global_batch"):
+            raise ValueError(
+                f"router_aux_loss_scope must be 'micro_batch' or 'global_batch', got {self.router_aux_loss_scope!r}."
+            )
+        nonnegative = ("router_aux_loss_coef", "router_z_loss_coef", "router_bias_update_rate", "n_shared_experts")
+        if self.routed_scaling_factor <= 0:
+            raise ValueError(f"routed_scaling_factor must be > 0, got {self.routed_scaling_factor}.")
+        for name in (*nonnegative, "dropout"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}; use 0 to disable it.")
         if self.decoder_sparse_step < 1:
@@ -109,27 +130,35 @@ class GPTMoEConfig(PretrainedConfig):
     def tensor_parallel_plan(self) -> dict[str, str]:
         """The plan of `from_pretrained(..., tp_plan="auto")`, naming only the modules this config builds.
 
-        Vocabulary-parallel embedding, MLPs split Megatron-style, every expert split along its hidden width on
-        every rank. Attention stays replicated: transformers' packed styles cannot shard a fused q|k|v with bias.
-        Experts' down-projection biases are replicated, so the expert all-reduce counts them once per rank:
-        exact for bias-free experts only (README, "Known limitations").
+        Vocabulary-parallel embedding; dense MLPs and shared experts split Megatron-style (rowwise adds its bias once,
+        after the all-reduce). Attention stays replicated: splitting GPT-2's fused q|k|v by head needs a three-way
+        packed style, and transformers' packed_colwise splits two ways and shards a packed bias contiguously. The
+        routed experts stay whole too: transformers' moe_tp_experts all-reduces each expert's output, so a bias
+        replicated on every rank would be added once per rank. `expert_parallel_plan` shards them, by expert.
         """
         moe_layers = [self.is_moe_layer(i) for i in range(self.n_layer)]
         plan = {"wte": "embedding_rowwise"}
         if not all(moe_layers):
             plan.update({"h.*.mlp.c_fc": "colwise", "h.*.mlp.c_proj": "rowwise"})
-        if any(moe_layers):
-            plan.update(
-                {
-                    "h.*.mlp.experts.up_proj": "colwise",
-                    "h.*.mlp.experts.up_proj_bias": "rowwise",  # a parameter, not a Linear: rowwise = Shard(-1)
-                    "h.*.mlp.experts.down_proj": "rowwise",
-                    "h.*.mlp.experts": "moe_tp_experts",
-                }
-            )
         if any(moe_layers) and self.n_shared_experts > 0:
             plan.update({"h.*.mlp.shared_experts.c_fc": "colwise", "h.*.mlp.shared_experts.c_proj": "rowwise"})
         return plan
+
+    def expert_parallel_plan(self) -> dict[str, str]:
+        """The plan of transformers' expert parallelism: each rank holds num_experts / ep_size whole experts, biases
+        included (README, "Parallelism").
+
+        transformers with `DistributedConfig(ep_size=...)` (5.2x) sends each rank the tokens routed to its experts;
+        before (5.17, `enable_expert_parallel=True`) the router's choices of other ranks' experts were masked on each
+        rank and the experts' outputs all-reduced.
+        """
+        if not any(self.is_moe_layer(i) for i in range(self.n_layer)):
+            return {}
+        weights = ("up_proj", "up_proj_bias", "down_proj", "down_proj_bias")
+        plan = {f"h.*.mlp.experts.{name}": "grouped_gemm" for name in weights}
+        if "ep_size" in DistributedConfig.__dataclass_fields__:
+            return {**plan, "h.*.mlp.experts": "ep_dispatch_experts"}
+        return {**plan, "h.*.mlp.router": "ep_router", "h.*.mlp.experts": "moe_tp_experts"}
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         return (

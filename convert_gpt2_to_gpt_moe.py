@@ -85,7 +85,8 @@ def convert_gpt2(
     config = config_from_gpt2(gpt2, num_experts, num_experts_per_tok)
     model = GPTMoEForCausalLM(config)
     state = gpt2_state_dict_to_gpt_moe(gpt2.state_dict(), config)
-    routers = {name: p for name, p in model.state_dict().items() if name.endswith("mlp.router.weight")}
+    # the routers keep their fresh weights and zero expert_bias
+    routers = {name: p for name, p in model.state_dict().items() if ".mlp.router." in name}
     missing, unexpected = model.load_state_dict({**state, **routers}, strict=False)
     if missing or unexpected:
         raise ValueError(f"GPT-2 weights did not map onto GPTMoE: missing {missing}, unexpected {unexpected}")

@@ -133,9 +133,10 @@ class ShardLoader:
     windows share one token, as in llm.c, so every token is an input exactly once); the
     tail of a shard too short for a window is not used. Step s of an epoch gives rank r the
     window s * world_size + r of the epoch's window sequence, so ranks read disjoint windows
-    and together cover all of them. With `shuffle`, the shard order and the window order
-    inside each shard are permuted every epoch by a generator seeded with (seed, epoch),
-    identical on every rank.
+    and together cover all of them. With `shuffle`, the shard order is permuted every epoch,
+    and a window's B rows are B sequences (T+1 tokens starting every T) drawn without
+    replacement from all over its shard, rather than B neighbours from a few documents: by
+    generators seeded with (seed, epoch[, shard]), identical on every rank.
 
     Only the shard being read is memory-mapped. Token ids are checked against `vocab_size`
     on each window as it is read: that costs a max over B*T+1 values already in memory,
@@ -179,7 +180,7 @@ class ShardLoader:
         # caches, each with the key it was computed for
         self._open = (-1, np.empty(0, dtype=np.uint16))  # (shard, its memmap)
         self._order = (-1, None)  # (epoch, _shard_order())
-        self._permutation = (None, None)  # ((epoch, shard), window order in that shard)
+        self._permutation = (None, None)  # ((epoch, shard), sequence order in that shard)
         self.reset()
 
     def reset(self) -> None:
@@ -192,13 +193,12 @@ class ShardLoader:
             self.epoch, self.step = self.epoch + 1, 0
         shard, window = self._locate(self.step * self.world_size + self.rank)
         self.step += 1
-        start = window * self.batch_size * self.seq_len
-        tokens = self._tokens(shard)[start : start + self.batch_size * self.seq_len + 1]
-        self._check_ids(tokens, shard, start)
-        buf = torch.from_numpy(tokens.astype(np.int64))
-        x = buf[:-1].view(self.batch_size, self.seq_len)
-        y = buf[1:].view(self.batch_size, self.seq_len)
-        return x, y
+        rows = self._sequences(shard, window) * self.seq_len
+        shard_tokens = self._tokens(shard)
+        tokens = np.stack([shard_tokens[start : start + self.seq_len + 1] for start in rows])  # (B, T+1)
+        self._check_ids(tokens, shard, rows)
+        tokens = torch.from_numpy(tokens.astype(np.int64))
+        return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
     def __iter__(self) -> "ShardLoader":
         return self
@@ -236,8 +236,6 @@ class ShardLoader:
         position = int(np.searchsorted(ends, index, side="right"))
         shard = int(order[position])
         window = index - (int(ends[position - 1]) if position else 0)
-        if self.shuffle:
-            window = int(self._window_order(shard)[window])
         return shard, window
 
     def _shard_order(self) -> tuple[np.ndarray, np.ndarray]:
@@ -249,22 +247,28 @@ class ShardLoader:
             self._order = (self.epoch, (order, np.cumsum([self.windows[i] for i in order])))
         return self._order[1]
 
-    def _window_order(self, shard: int) -> np.ndarray:
+    def _sequences(self, shard: int, window: int) -> np.ndarray:
+        """Which T-token sequences of the shard are the B rows of a window: consecutive ones, or with `shuffle`
+        the window-th B of a permutation of all of them."""
+        first = window * self.batch_size
+        if not self.shuffle:
+            return np.arange(first, first + self.batch_size)
         key = (self.epoch, shard)
         if self._permutation[0] != key:
             rng = np.random.default_rng((self.seed, self.epoch, shard))
-            self._permutation = (key, rng.permutation(self.windows[shard]))
-        return self._permutation[1]
+            self._permutation = (key, rng.permutation((self.lengths[shard] - 1) // self.seq_len))
+        return self._permutation[1][first : first + self.batch_size]
 
     def _tokens(self, shard: int) -> np.ndarray:
         if self._open[0] != shard:
             self._open = (shard, open_shard(self.paths[shard]))
         return self._open[1]
 
-    def _check_ids(self, tokens: np.ndarray, shard: int, start: int) -> None:
+    def _check_ids(self, tokens: np.ndarray, shard: int, row_starts: np.ndarray) -> None:
+        """tokens: (B, T+1), row b read from token row_starts[b] of the shard."""
         if tokens.max() >= self.vocab_size:
-            first_bad = int(np.argmax(tokens >= self.vocab_size))
+            row, column = np.unravel_index(int(np.argmax(tokens >= self.vocab_size)), tokens.shape)
             raise ShardError(
-                f"{self.paths[shard]}: token id {int(tokens[first_bad])} at token {start + first_bad} is >= "
-                f"vocab_size {self.vocab_size}; the shard was made with another tokenizer or is corrupt."
+                f"{self.paths[shard]}: token id {int(tokens[row, column])} at token {row_starts[row] + column} is "
+                f">= vocab_size {self.vocab_size}; the shard was made with another tokenizer or is corrupt."
             )

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
@@ -139,23 +140,35 @@ class GPTMoEMLP(nn.Module):
 class GPTMoERouter(nn.Module):
     """Token-choice top-k router: softmax over experts in (at least) float32, keep the k largest.
 
+    `expert_bias` (aux-loss-free balancing, DeepSeek-V3) is added to the probabilities to choose the
+    k experts only: the routing weights are the unbiased probabilities of the chosen ones. It is
+    zero unless `GPTMoEForCausalLM.finish_step` moves it, so a converted model stays exact.
     Returns the raw logits (N, E), the routing weights (N, k) and the chosen experts (N, k).
     """
 
     def __init__(self, config: GPTMoEConfig):
         super().__init__()
+        self.num_experts = config.num_experts  # read by the expert-parallel router style of transformers 5.17
         self.top_k = config.num_experts_per_tok
         self.norm_topk_prob = config.norm_topk_prob
+        self.routed_scaling_factor = config.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.n_embd))
+        self.register_buffer("expert_bias", torch.zeros(config.num_experts))
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         router_logits = F.linear(hidden_states, self.weight)  # (N, E)
         # at least float32: bf16 probabilities would make near-ties between experts flip at random
         router_probs = F.softmax(router_logits, dim=-1, dtype=torch.promote_types(router_logits.dtype, torch.float32))
-        top_k_weights, top_k_index = torch.topk(router_probs, self.top_k, dim=-1)  # (N, k)
+        top_k_index = self.choose(router_probs)
+        top_k_weights = router_probs.gather(-1, top_k_index)
         if self.norm_topk_prob:
             top_k_weights = top_k_weights / top_k_weights.sum(dim=-1, keepdim=True)
+        top_k_weights = top_k_weights * self.routed_scaling_factor
         return router_logits, top_k_weights.to(hidden_states.dtype), top_k_index
+
+    def choose(self, router_probs: torch.Tensor) -> torch.Tensor:
+        """The (N, k) experts each token goes to: the k largest biased probabilities."""
+        return torch.topk(router_probs + self.expert_bias, self.top_k, dim=-1).indices
 
 
 @use_experts_implementation(has_gate=False, has_bias=True)
@@ -183,10 +196,13 @@ class GPTMoEExperts(nn.Module):
         num_tokens, top_k = top_k_index.shape
         expert_ids = top_k_index.reshape(-1)  # (N*k,)
         order = torch.argsort(expert_ids, stable=True)
-        tokens_per_expert = torch.bincount(expert_ids, minlength=self.num_experts).tolist()
+        # one slot more than experts: expert parallelism gives the routes to other ranks' experts the id num_experts
+        # (and weight 0); sorted last, they get a zero output
+        tokens_per_expert = torch.bincount(expert_ids, minlength=self.num_experts + 1).tolist()
         # index_select, not hidden_states[...]: its backward is an index_add, several times faster on CPU
-        routed = hidden_states.index_select(0, order // top_k).split(tokens_per_expert)  # E slices of (n_e, H)
-        sorted_outputs = torch.cat(self.expert_mlps(routed)) * top_k_weights.reshape(-1)[order, None]
+        routed = hidden_states.index_select(0, order // top_k).split(tokens_per_expert)  # E + 1 slices of (n_e, H)
+        expert_outputs = [*self.expert_mlps(routed[:-1]), torch.zeros_like(routed[-1])]
+        sorted_outputs = torch.cat(expert_outputs) * top_k_weights.reshape(-1)[order, None]
         outputs = sorted_outputs.new_empty(sorted_outputs.shape).index_copy(0, order, sorted_outputs)
         return outputs.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)  # (N, H)
 
@@ -308,6 +324,7 @@ class GPTMoEPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.bias)
         elif isinstance(module, GPTMoERouter):
             init.normal_(module.weight, mean=0.0, std=std)
+            init.zeros_(module.expert_bias)
         elif isinstance(module, GPTMoEExperts):
             init.normal_(module.up_proj, mean=0.0, std=std)
             init.zeros_(module.up_proj_bias)
@@ -387,29 +404,58 @@ def token_mean(values: torch.Tensor, token_mask: torch.Tensor | None) -> torch.T
 
 
 def load_balancing_loss(
-    router_logits: tuple[torch.Tensor, ...], top_k: int, token_mask: torch.Tensor | None = None
+    router_logits: tuple[torch.Tensor, ...],
+    top_k: int,
+    token_mask: torch.Tensor | None = None,
+    assignment_shares: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Switch Transformer load-balancing loss, averaged over MoE layers; 1.0 at perfect balance.
 
     Per layer: E * sum_i f_i * P_i, with f_i the share of the N*k routing assignments that went
     to expert i and P_i the mean router probability of expert i. Padding tokens (token_mask 0)
-    are left out. Unlike transformers' built-in `load_balancing_loss_func` (which returns k at
-    balance and pools layers before the product), this is comparable across top-k settings.
+    are left out. `assignment_shares` (L, E) gives f from elsewhere (a global batch, a biased
+    choice); by default it is this batch's top-k. Unlike transformers' built-in
+    `load_balancing_loss_func` (which returns k at balance and pools layers before the product),
+    this is comparable across top-k settings.
     """
     layer_losses = []
-    for logits in router_logits:
+    for layer, logits in enumerate(router_logits):
         num_experts = logits.shape[-1]
         probs = F.softmax(logits, dim=-1, dtype=torch.float32)  # (N, E)
-        chosen = F.one_hot(torch.topk(probs, top_k, dim=-1).indices, num_experts).sum(dim=1).float()  # (N, E)
-        assignment_share = token_mean(chosen, token_mask) / top_k
-        layer_losses.append(num_experts * torch.sum(assignment_share * token_mean(probs, token_mask)))
+        if assignment_shares is None:
+            chosen = F.one_hot(torch.topk(probs, top_k, dim=-1).indices, num_experts).sum(dim=1).float()  # (N, E)
+            shares = token_mean(chosen, token_mask) / top_k
+        else:
+            shares = assignment_shares[layer]
+        layer_losses.append(num_experts * torch.sum(shares * token_mean(probs, token_mask)))
     return torch.stack(layer_losses).mean()
+
+
+def assignment_counts(
+    router_logits: tuple[torch.Tensor, ...], routers: list["GPTMoERouter"], token_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """(L, E): how many top-k assignments of real tokens (token_mask 1) each MoE layer gave each expert."""
+    counts = []
+    for logits, router in zip(router_logits, routers, strict=True):
+        chosen = router.choose(F.softmax(logits.detach(), dim=-1, dtype=torch.float32))  # (N, k)
+        weights = torch.ones(chosen.shape, device=chosen.device) if token_mask is None else token_mask.float()[:, None]
+        zeros = torch.zeros(logits.shape[-1], device=chosen.device)
+        counts.append(zeros.scatter_add(0, chosen.flatten(), weights.expand(chosen.shape).flatten()))
+    return torch.stack(counts)
 
 
 def router_z_loss(router_logits: tuple[torch.Tensor, ...], token_mask: torch.Tensor | None = None) -> torch.Tensor:
     """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2, averaged over MoE layers."""
     z_per_layer = [token_mean(torch.logsumexp(logits.float(), dim=-1) ** 2, token_mask) for logits in router_logits]
     return torch.stack(z_per_layer).mean()
+
+
+def all_processes_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` summed over the processes of the default group (data parallelism), as a new tensor."""
+    total = tensor.clone()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(total)
+    return total
 
 
 @dataclass
@@ -428,6 +474,9 @@ class GPTMoEForCausalLM(GPTMoEPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.transformer = GPTMoEModel(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # (L, E) top-k assignments of this optimizer step so far, this process only (see finish_step). Not a
+        # buffer: DDP would overwrite every process's counts with rank 0's at each forward.
+        self.routed_tokens: torch.Tensor | None = None
         self.post_init()
 
     @can_return_tuple
@@ -477,7 +526,11 @@ class GPTMoEForCausalLM(GPTMoEPreTrainedModel, GenerationMixin):
         if outputs.router_logits:  # None when not recorded, () for a dense model
             self._check_router_logits_carry_gradients(outputs.router_logits[0])
             token_mask = self._router_token_mask(attention_mask, outputs.router_logits[0].shape[0])
-            aux_loss = load_balancing_loss(outputs.router_logits, self.config.num_experts_per_tok, token_mask)
+            counts = assignment_counts(outputs.router_logits, self.routers(), token_mask)
+            if self.training:  # the step's load, for finish_step
+                self.routed_tokens = counts if self.routed_tokens is None else self.routed_tokens + counts
+            shares = self._expert_shares(counts)
+            aux_loss = load_balancing_loss(outputs.router_logits, self.config.num_experts_per_tok, token_mask, shares)
             z_loss = router_z_loss(outputs.router_logits, token_mask)
             if has_targets:
                 loss = loss + self.config.router_aux_loss_coef * aux_loss + self.config.router_z_loss_coef * z_loss
@@ -492,6 +545,34 @@ class GPTMoEForCausalLM(GPTMoEPreTrainedModel, GenerationMixin):
             router_logits=(outputs.router_logits or None) if output_router_logits else None,
             **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
         )
+
+    def routers(self) -> list[GPTMoERouter]:
+        """The router of each MoE layer, in layer order (the order of the recorded router logits)."""
+        return [module for module in self.modules() if isinstance(module, GPTMoERouter)]
+
+    def _expert_shares(self, counts: torch.Tensor) -> torch.Tensor:
+        """f_i of the load-balancing loss, (L, E): from this batch's `counts` (micro_batch scope, and always in
+        evaluation), or from every process's and micro-step's of the optimizer step so far (global_batch scope)."""
+        if self.training and self.config.router_aux_loss_scope == "global_batch":
+            counts = all_processes_sum(self.routed_tokens)
+        return counts / counts.sum(dim=-1, keepdim=True).clamp(min=1.0)
+
+    @torch.no_grad()
+    def finish_step(self, update_bias: bool = True) -> torch.Tensor | None:
+        """Call after each optimizer step: the step's (L, E) top-k assignments summed over all processes (None before
+        any training forward), which also moves each router's expert_bias towards balance (aux-loss-free,
+        DeepSeek-V3: bias_i += rate * sign(mean load - load_i), centred as torchtitan does) unless `update_bias` is
+        False (a skipped step) or router_bias_update_rate is 0. Starts the next step's count."""
+        counts, self.routed_tokens = self.routed_tokens, None
+        if counts is None:
+            return None
+        counts = all_processes_sum(counts)
+        rate = self.config.router_bias_update_rate
+        if update_bias and rate > 0:
+            for router, load in zip(self.routers(), counts, strict=True):
+                step = rate * torch.sign(load.mean() - load)
+                router.expert_bias += step - step.mean()
+        return counts
 
     def _check_router_logits_carry_gradients(self, router_logits: torch.Tensor) -> None:
         """Reentrant activation checkpointing (use_reentrant=True) runs each block without autograd, so the router

@@ -74,6 +74,7 @@ TASKS_IN_FLIGHT = 4  # per worker; bounds memory however fast the source reads
 # what datasets' readers raise for a malformed local file: bad JSON (pyarrow's reader for .jsonl, ujson's ValueError
 # for a .json array), a lone surrogate escape, text that is not UTF-8 (UnicodeDecodeError, a ValueError)
 UNREADABLE_FILE_ERRORS = (pa.ArrowException, ValueError)
+PYTHON_DOCS_SEED = 0  # of the python_docs source's document order
 SKIPPED_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests"}  # tests are code, not prose
 
 
@@ -128,7 +129,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def describe_source(args: argparse.Namespace) -> dict:
     """What the text comes from; a directory is only resumed from the same source."""
     if args.source == "python_docs":
-        return {"kind": "python_docs", "python": platform.python_version(), "roots": python_roots()}
+        return {
+            "kind": "python_docs",
+            "python": platform.python_version(),
+            "roots": python_roots(),
+            "order": f"shuffled, seed {PYTHON_DOCS_SEED}",
+        }
     if args.source == "files":
         return {"kind": "files", "data_files": resolve_data_files(args.data_files), "text_column": args.text_column}
     return {
@@ -365,17 +371,19 @@ def python_roots() -> list[str]:
 
 
 def python_docstrings() -> Iterator[str]:
-    """English text found on every machine: the docstrings of the standard library, then of installed packages.
+    """English text found on every machine: the docstrings of the standard library and installed packages.
 
     One document per source file: its module, class and function docstrings in source
     order. Files are parsed with `ast`, never imported (importing runs arbitrary code and is
-    slow), and walked in sorted order, so one Python installation always gives the same text.
+    slow). They are listed in sorted order and then shuffled with a fixed seed, so one Python
+    installation always gives the same text, and the validation split (the first tokens) is a
+    sample of the same mixture as the training split rather than the first package's docstrings.
     """
-    for root in python_roots():
-        for path in python_files(Path(root)):
-            text = docstrings(path)
-            if text:
-                yield text
+    paths = [path for root in python_roots() for path in python_files(Path(root))]
+    for index in np.random.default_rng(PYTHON_DOCS_SEED).permutation(len(paths)):
+        text = docstrings(paths[index])
+        if text:
+            yield text
 
 
 def python_files(root: Path) -> Iterator[Path]:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator
 from accelerate.tracking import get_available_trackers
-from accelerate.utils import LoggerType, set_seed
+from accelerate.utils import DistributedType, LoggerType, set_seed
 from torch import nn
 from transformers import HfArgumentParser, PreTrainedTokenizerBase
 from transformers.utils.logging import disable_progress_bar
@@ -39,7 +39,8 @@ if __package__:  # installed: these modules are the package gpt_moe
     from .cpu_memory import keep_freed_memory
     from .fineweb_shards import ShardError, ShardLoader
     from .gpt2_tokenizer import EOT_ID, get_tokenizer
-    from .modeling_gpt_moe import GPTMoEForCausalLM
+    from .modeling_gpt_moe import GPTMoEForCausalLM, assignment_counts
+    from .muon import muon_with_adamw
     from .training_metrics import (
         ExpertLoad,
         active_parameters,
@@ -56,7 +57,8 @@ else:  # a script or module of a clone, whose root is on sys.path
     from cpu_memory import keep_freed_memory
     from fineweb_shards import ShardError, ShardLoader
     from gpt2_tokenizer import EOT_ID, get_tokenizer
-    from modeling_gpt_moe import GPTMoEForCausalLM
+    from modeling_gpt_moe import GPTMoEForCausalLM, assignment_counts
+    from muon import muon_with_adamw
     from training_metrics import (
         ExpertLoad,
         active_parameters,
@@ -105,7 +107,10 @@ class TrainArguments:
     warmup_steps: int = arg(715, "linear LR warmup steps")
     max_lr: float = arg(6e-4, "peak learning rate")
     min_lr: float = arg(6e-5, "learning rate at the end of the cosine decay")
-    weight_decay: float = arg(0.1, "AdamW weight decay of the weight matrices")
+    weight_decay: float = arg(0.1, "decoupled weight decay of the weight matrices (AdamW's and Muon's)")
+    optimizer: Literal["adamw", "muon"] = arg(
+        "adamw", "muon: Muon for the blocks' weight matrices and experts, AdamW for the rest, same lr (muon.py)"
+    )
     grad_clip: float = arg(1.0, "clip the global gradient norm to this")
     mixed_precision: Literal["bf16", "no"] = arg("bf16", "bf16 autocast, or no for float32 throughout")
     eval_interval: int = arg(250, "validation loss and expert load every N steps (0: only at the end)")
@@ -266,6 +271,14 @@ def build_accelerator(args: TrainArguments) -> Accelerator:
             f"{launched} processes were launched but Accelerate sees {accelerator.num_processes}: on CPU launch with "
             "`accelerate launch --multi_gpu --num_processes N` (accelerate_configs/cpu_2proc.yaml) or torchrun"
         )
+    # Newton-Schulz orthogonalises whole matrices; FSDP2 holds a shard of rows of each (a DTensor) and ZeRO flat
+    # slices of all. Gathering each matrix in the step would serve FSDP2, but nothing here can test it: refused.
+    kind = accelerator.distributed_type
+    if args.optimizer == "muon" and kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise TrainingError(
+            f"--optimizer muon needs every weight matrix whole on each process, and {kind.value} shards them: "
+            "launch with DDP (accelerate_configs/multi_gpu.yaml) or use --optimizer adamw"
+        )
     return accelerator
 
 
@@ -283,20 +296,33 @@ def build_model(model_args, args: TrainArguments, device: torch.device) -> GPTMo
     return model
 
 
-def configure_optimizer(model: nn.Module, args: TrainArguments, device: torch.device) -> torch.optim.AdamW:
-    """AdamW, decaying the weight matrices only (nanoGPT: tensors of 2+ dims).
+def configure_optimizer(model: nn.Module, args: TrainArguments, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW, decaying the weight matrices only (nanoGPT: tensors of 2+ dims). With --optimizer muon,
+    the blocks' hidden matrices (is_hidden_matrix) go to Muon instead, at the same lr and weight decay.
 
     The experts' 3D weights (E, out, in) are a stack of matrices and decay like the dense MLP
     they replace. Biases and LayerNorm parameters do not decay, including the experts' stacked
     biases, which are 2-D (E, out) but biases all the same.
     """
-    decay, no_decay = [], []
+    matrices, decay, no_decay = [], [], []
     for name, param in model.named_parameters():
-        (decay if param.dim() >= 2 and not name.endswith("bias") else no_decay).append(param)
+        if args.optimizer == "muon" and is_hidden_matrix(name, param):
+            matrices.append(param)
+        else:
+            (decay if param.dim() >= 2 and not name.endswith("bias") else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # fused kernels exist for CUDA and CPU (9x faster than the default loop on CPU)
     fused = device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=args.max_lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+    adamw = torch.optim.AdamW(groups, lr=args.max_lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+    return muon_with_adamw(matrices, adamw, lr=args.max_lr, weight_decay=args.weight_decay) if matrices else adamw
+
+
+def is_hidden_matrix(name: str, param: nn.Parameter) -> bool:
+    """What Muon updates: the weight matrices inside the blocks (attention, MLP, shared experts) and the experts'
+    (E, out, in) stacks. Not the embeddings nor the tied output layer (modded-nanogpt, Moonlight), nor the router:
+    like the output layer it maps hidden states to logits, here over a handful of experts."""
+    in_block = name.startswith("transformer.h.")
+    return in_block and param.dim() >= 2 and not name.endswith("bias") and ".router." not in name
 
 
 def load_hellaswag(
@@ -423,7 +449,8 @@ def eval_mode(model: nn.Module):
 def evaluate(model: nn.Module, val_loader: ShardLoader, args: TrainArguments, accelerator: Accelerator):
     """Validation cross-entropy over a fresh pass of val_steps batches per process (mean over processes),
     and the expert load of each MoE layer on those tokens."""
-    top_k = accelerator.unwrap_model(model).config.num_experts_per_tok
+    unwrapped = accelerator.unwrap_model(model)
+    top_k, routers = unwrapped.config.num_experts_per_tok, unwrapped.routers()
     val_loader.reset()
     loss_sum, router_sums = torch.zeros((), device=accelerator.device), 0
     with eval_mode(model):
@@ -432,7 +459,8 @@ def evaluate(model: nn.Module, val_loader: ShardLoader, args: TrainArguments, ac
             out = model(input_ids=x, output_router_logits=True, use_cache=False)
             loss_sum += F.cross_entropy(out.logits.flatten(0, 1).float(), y.flatten())
             if out.router_logits is not None:
-                router_sums = router_sums + router_statistics(out.router_logits, top_k)
+                assignments = assignment_counts(out.router_logits, routers, token_mask=None)
+                router_sums = router_sums + router_statistics(out.router_logits, assignments)
     val_loss = accelerator.reduce(loss_sum / args.val_steps, "mean").item()
     loads = expert_load(accelerator.reduce(router_sums, "sum"), top_k) if torch.is_tensor(router_sums) else []
     return val_loss, loads
@@ -519,6 +547,8 @@ def train_step(
     if finite:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    # the aux-loss-free bias moves with this step's expert load over all processes; the next step counts afresh
+    accelerator.unwrap_model(model).finish_step(update_bias=finite)
     return StepResult(loss=loss, aux_loss=aux_loss, grad_norm=grad_norm, finite=finite)
 
 

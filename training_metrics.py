@@ -59,18 +59,15 @@ class ExpertLoad:
     router_entropy: float  # mean entropy (nats) of a token's router distribution; ln(E) is uniform
 
 
-def router_statistics(router_logits: tuple[torch.Tensor, ...], top_k: int) -> torch.Tensor:
+def router_statistics(router_logits: tuple[torch.Tensor, ...], assignments: torch.Tensor) -> torch.Tensor:
     """Sums to accumulate over batches (and ranks): (L, E + 1) with, per MoE layer, how many top-k
-    assignments each expert got, then the router entropy summed over tokens."""
-    rows = []
+    assignments each expert got (`assignments`, (L, E): modeling_gpt_moe.assignment_counts), then the
+    router entropy summed over tokens."""
+    entropies = []
     for logits in router_logits:  # (N, E) per layer
-        logits = logits.float()
-        chosen = logits.topk(top_k, dim=-1).indices
-        counts = torch.bincount(chosen.flatten(), minlength=logits.shape[-1]).float()
-        log_probs = F.log_softmax(logits, dim=-1)
-        entropy = -(log_probs.exp() * log_probs).sum()
-        rows.append(torch.cat([counts, entropy[None]]))
-    return torch.stack(rows)
+        log_probs = F.log_softmax(logits.float(), dim=-1)
+        entropies.append(-(log_probs.exp() * log_probs).sum())
+    return torch.cat([assignments, torch.stack(entropies)[:, None]], dim=1)
 
 
 def expert_load(statistics: torch.Tensor, top_k: int) -> list[ExpertLoad]:

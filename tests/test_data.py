@@ -615,25 +615,35 @@ def window_starts(loader: ShardLoader, batches: int) -> list[int]:
     return [loader.next_batch()[0][0, 0].item() for _ in range(batches)]
 
 
+def row_starts(loader: ShardLoader, batches: int) -> list[list[int]]:
+    """Where each row of the next `batches` batches starts in the stream."""
+    return [loader.next_batch()[0][:, 0].tolist() for _ in range(batches)]
+
+
 @pytest.mark.parametrize("shuffle", [False, True])
-def test_ranks_read_disjoint_windows_that_cover_the_stream(three_shards, shuffle):
+def test_ranks_read_disjoint_sequences_that_cover_the_stream(three_shards, shuffle):
     B, T, world = 2, 8, 3
-    all_windows = [1000 * i + s for i, n in enumerate([170, 200, 130]) for s in range(0, n - B * T, B * T)]
+    lengths = [170, 200, 130]
+    windows = [1000 * i + s for i, n in enumerate(lengths) for s in range(0, n - B * T, B * T)]
+    sequences = [1000 * i + s for i, n in enumerate(lengths) for s in range(0, n - T, T)]
     per_rank = []
     for rank in range(world):
         loader = ShardLoader(three_shards, "train", B, T, rank=rank, world_size=world, seed=7, shuffle=shuffle)
-        assert loader.num_batches == len(all_windows) // world
-        per_rank.append(window_starts(loader, loader.num_batches))
-    seen = [s for starts in per_rank for s in starts]
-    assert len(set(seen)) == len(seen)
-    assert len(all_windows) - len(seen) < world and set(seen) <= set(all_windows)
-    assert (per_rank[0] != sorted(per_rank[0])) == shuffle
+        assert loader.num_batches == len(windows) // world
+        per_rank.append(row_starts(loader, loader.num_batches))
+    seen = [start for batches in per_rank for rows in batches for start in rows]
+    assert len(set(seen)) == len(seen) == loader.num_batches * world * B
+    assert set(seen) <= set(sequences)
+    rows_are_neighbours = all(rows == list(range(rows[0], rows[0] + B * T, T)) for rows in per_rank[0])
+    assert rows_are_neighbours != shuffle
+    if not shuffle:  # every window but the few left over by the world size
+        assert len(windows) - len(seen) // B < world and {rows[0] for rows in per_rank[0]} <= set(windows)
 
 
-def test_shuffle_permutes_shards_and_windows_every_epoch_from_the_seed(three_shards):
+def test_shuffle_permutes_shards_and_sequences_every_epoch_from_the_seed(three_shards):
     def epochs(seed, count=4):
         loader = ShardLoader(three_shards, "train", 2, 8, seed=seed, shuffle=True)
-        return [window_starts(loader, loader.num_batches) for _ in range(count)]
+        return [[start for rows in row_starts(loader, loader.num_batches) for start in rows] for _ in range(count)]
 
     runs = epochs(seed=1)
     assert runs == epochs(seed=1) and runs[0] != epochs(seed=2)[0]
@@ -641,7 +651,7 @@ def test_shuffle_permutes_shards_and_windows_every_epoch_from_the_seed(three_sha
     assert len({tuple(dict.fromkeys(start // 1000 for start in epoch)) for epoch in runs}) > 1
     in_shard_1 = [[start for start in epoch if start // 1000 == 1] for epoch in runs]
     assert in_shard_1[0] != sorted(in_shard_1[0]) and in_shard_1[0] != in_shard_1[1]
-    assert sorted(in_shard_1[0]) == sorted(in_shard_1[1])
+    assert len(set(in_shard_1[0])) == len(in_shard_1[0]) == 24  # 12 windows of 2 rows out of 24 sequences
 
 
 @pytest.mark.parametrize("shuffle", [False, True])

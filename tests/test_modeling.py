@@ -3,8 +3,6 @@
 import inspect
 import math
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -623,26 +621,31 @@ def test_resize_token_embeddings_keeps_weights_tied():
 
 
 @pytest.mark.parametrize(
-    "overrides, sharded",
+    "overrides, sharded, expert_parallel",
     [
-        (dict(use_moe=False), {"mlp.c_fc"}),
-        (dict(), {"experts"}),
-        (dict(n_shared_experts=1), {"experts", "shared_experts"}),
-        (dict(n_shared_experts=1, mlp_only_layers=[0]), {"mlp.c_fc", "experts", "shared_experts"}),
+        (dict(use_moe=False), {"mlp.c_fc"}, False),
+        (dict(), set(), True),
+        (dict(n_shared_experts=1), {"shared_experts"}, True),
+        (dict(n_shared_experts=1, mlp_only_layers=[0]), {"mlp.c_fc", "shared_experts"}, True),
     ],
 )
-def test_tensor_parallel_plan_names_only_modules_the_config_builds(tmp_path, overrides, sharded):
+def test_parallel_plans_name_only_modules_the_config_builds(tmp_path, overrides, sharded, expert_parallel):
+    # tests/test_parallel.py runs them; the routed experts are sharded by the expert-parallel plan only
     model = tiny_model(seed=16, **overrides)
     names = {name for name, _ in model.transformer.named_parameters()} | {
         name for name, _ in model.transformer.named_modules()
     }
-    plan = model.config.base_model_tp_plan
-    for pattern in plan:
+    tp_plan, ep_plan = model.config.base_model_tp_plan, model.config.base_model_ep_plan
+    for pattern in [*tp_plan, *ep_plan]:
         regex = pattern.replace(".", r"\.").replace("*", r"\d+")
         assert any(re.fullmatch(regex, name) for name in names), pattern
-    assert {part for part in ("mlp.c_fc", "experts", "shared_experts") if any(part in p for p in plan)} == sharded
+    parts = ("mlp.c_fc", "mlp.experts", "shared_experts")
+    assert {part for part in parts if any(part in pattern for pattern in tp_plan)} == sharded
+    assert bool(ep_plan) == expert_parallel
+    assert all("experts" in pattern or "router" in pattern for pattern in ep_plan)
     model.save_pretrained(tmp_path)
-    assert GPTMoEForCausalLM.from_pretrained(tmp_path).config.base_model_tp_plan == plan
+    loaded = GPTMoEForCausalLM.from_pretrained(tmp_path).config
+    assert (loaded.base_model_tp_plan, loaded.base_model_ep_plan) == (tp_plan, ep_plan)
     assert "GPTMoEBlock" in model._no_split_modules
 
 
@@ -704,6 +707,8 @@ def test_seed_and_hf_names_are_aliases():
         (dict(num_experts=0), "num_experts"),
         (dict(router_aux_loss_coef=-0.1), "router_aux_loss_coef"),
         (dict(router_z_loss_coef=-1.0), "router_z_loss_coef"),
+        (dict(router_aux_loss_scope="global"), "router_aux_loss_scope"),
+        (dict(router_bias_update_rate=-1e-3), "router_bias_update_rate"),
         (dict(activation_function="swishy"), "activation_function"),
         (dict(mlp_only_layers=[12]), "mlp_only_layers"),
     ],
@@ -711,39 +716,3 @@ def test_seed_and_hf_names_are_aliases():
 def test_invalid_config_raises_naming_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         GPTMoEConfig(**kwargs)
-
-
-TP_WORKER = """
-import sys, torch
-sys.modules["modeling_gpt_moe"] = sys.modules["configuration_gpt_moe"] = None  # load as remote code
-from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], tp_plan="auto", trust_remote_code=True)
-model.set_experts_implementation("eager")
-with torch.no_grad():
-    logits = model(torch.arange(12).view(2, 6) % 96).logits
-expected = torch.load(sys.argv[2], weights_only=True)
-rank = torch.distributed.get_rank()
-with open(f"result_{rank}.txt", "w") as f:  # one file per rank: their stdout lines can interleave
-    f.write(f"{(logits - expected).abs().max().item()} {model.tp_size}")
-"""
-
-
-@pytest.mark.parametrize("use_moe", [False, True])
-def test_tensor_parallel_two_processes_match_one(tmp_path, use_moe):
-    model = tiny_model(seed=18, use_moe=use_moe, n_shared_experts=int(use_moe), mlp_only_layers=[0])
-    model.set_experts_implementation("eager")
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("bias") and "down_proj_bias" not in name:  # see the TP plan's comment
-                param.normal_(std=0.5)
-        logits = model(torch.arange(12).view(2, 6) % 96).logits
-    model.save_pretrained(tmp_path / "model")
-    torch.save(logits, tmp_path / "expected.pt")
-    (tmp_path / "worker.py").write_text(TP_WORKER)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command += [str(tmp_path / "worker.py"), str(tmp_path / "model"), str(tmp_path / "expected.pt")]
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
-    for rank in (0, 1):
-        max_diff, tp_size = (tmp_path / f"result_{rank}.txt").read_text().split()
-        assert float(max_diff) < 1e-5 and tp_size == "2"
