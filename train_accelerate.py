@@ -37,7 +37,7 @@ if __package__:  # installed: these modules are the package gpt_moe
     from .checkpointing import Checkpointer, CheckpointError, list_checkpoints, resolve_checkpoint
     from .configuration_gpt_moe import GPTMoEConfig
     from .cpu_memory import keep_freed_memory
-    from .fineweb_shards import ShardError, ShardLoader
+    from .fineweb_shards import ShardError, ShardLoader, validation_loader
     from .gpt2_tokenizer import EOT_ID, get_tokenizer
     from .modeling_gpt_moe import GPTMoEForCausalLM, assignment_counts
     from .muon import muon_with_adamw
@@ -55,7 +55,7 @@ else:  # a script or module of a clone, whose root is on sys.path
     from checkpointing import Checkpointer, CheckpointError, list_checkpoints, resolve_checkpoint
     from configuration_gpt_moe import GPTMoEConfig
     from cpu_memory import keep_freed_memory
-    from fineweb_shards import ShardError, ShardLoader
+    from fineweb_shards import ShardError, ShardLoader, validation_loader
     from gpt2_tokenizer import EOT_ID, get_tokenizer
     from modeling_gpt_moe import GPTMoEForCausalLM, assignment_counts
     from muon import muon_with_adamw
@@ -125,7 +125,9 @@ class TrainArguments:
     experts_implementation: Literal["auto", "eager", "grouped_mm", "batched_mm"] = arg(
         "auto", "MoE expert kernels; auto: grouped_mm on GPU, eager on CPU"
     )
-    shuffle: bool = arg(False, "shuffle shard and batch order every epoch")
+    shuffle: bool = arg(
+        False, "shuffle shard and batch order every epoch; validation then reads sequences from all over its split"
+    )
     seed: int = arg(1337, "seed of the initialisation, the data order and the samples")
     max_nonfinite_steps: int = arg(3, "stop (with a checkpoint) after this many non-finite steps in a row")
     peak_tflops: float | None = arg(None, "peak TFLOP/s of one device for MFU (default: known GPUs, n/a on CPU)")
@@ -618,7 +620,7 @@ def train(model_args, args: TrainArguments, accelerator: Accelerator) -> None:
     shards = dict(batch_size=args.micro_batch_size, seq_len=args.seq_len, rank=accelerator.process_index)
     shards.update(world_size=world_size, vocab_size=model_args.vocab_size)
     train_loader = ShardLoader(args.data_dir, "train", seed=args.seed, shuffle=args.shuffle, **shards)
-    val_loader = ShardLoader(args.data_dir, "val", **shards)
+    val_loader = validation_loader(args.data_dir, args.shuffle, **shards)
 
     # model
     set_seed(args.seed)  # the same initialisation on every process

@@ -1,21 +1,24 @@
 """Does this MoE beat its dense twin? Train a dense model and MoE variants of the same active FLOPs per token with
 train_accelerate.py itself, on the same data, seed, schedule and token budget, and compare their validation curves.
 
-    python bench/moe_vs_dense.py                      # offline corpus, 4 layers x 128 wide, ~30 min on 2 CPU cores
+    python bench/moe_vs_dense.py                      # offline corpus, 4 layers x 128 wide, ~22 min on 2 CPU cores
     python bench/moe_vs_dense.py --variants dense,top2-global,dense+muon,top2-global+muon   # AdamW vs Muon
     python bench/moe_vs_dense.py --shape gpt2-124m --data_dir edu_fineweb10B --max_steps 4000 \
         --launch "accelerate launch --config_file accelerate_configs/multi_gpu.yaml"        # GPUs, FineWeb-Edu
 
 Every MoE variant has k experts of width dense_width / k per token (or, with a shared expert, k - 1 routed plus
 one shared), so its active FLOPs equal the dense model's. Batches are drawn from sequences all over the corpus
-(the loader's --shuffle). Writes, in --output_dir: one run folder per variant, moe_vs_dense.md (the table, with
-the command, machine and date) and moe_vs_dense.png (validation loss against tokens and against training time).
+(the loader's --shuffle), and so is every evaluation's pass (the same sequences for every run and evaluation).
+Writes, in --output_dir: one run folder per variant, moe_vs_dense.md (the table, with the command, machine and
+date) and moe_vs_dense.png (validation loss against tokens and against training time).
 
 Per variant: the final validation loss; the tokens and the training seconds at which it first reaches the dense
 run's final validation loss (interpolated between evaluations), as fractions of the dense run's; the median step
 time relative to dense; the expert load at the last evaluation (max/mean per layer, the worst layer) and dead
-experts (under a tenth of the balanced share). The noise of a validation figure is measured on the dense run's
-final checkpoint: the spread of its loss over disjoint validation passes of the size each evaluation uses.
+experts (under a tenth of the balanced share). The noise of a validation figure is measured on the final
+checkpoints, over disjoint validation passes of the size each evaluation uses (the first is the one the runs
+evaluate on): the spread of the reference model's loss, and for each variant the mean and spread of its difference
+to the reference pass by pass, which is the noise of the differences the table reports.
 """
 
 import datetime
@@ -44,19 +47,20 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from command_line import ArgumentParser  # noqa: E402
-from fineweb_shards import ShardLoader  # noqa: E402
+from fineweb_shards import validation_loader  # noqa: E402
 from modeling_gpt_moe import GPTMoEForCausalLM  # noqa: E402
 
 # Model, batch and schedule of each shape; `data` is the offline corpus prepared when no --data_dir is given.
 SHAPES = {
     # 4,096 tokens a step in 4 micro-batches of 8 sequences (so that the micro- and global-batch losses differ, as
-    # on GPUs), 160 steps (0.66M tokens): what fits the six default variants into about 30 minutes on 2 cores
-    # (bf16 autocast); validation on 32,768 tokens every 20 steps
+    # on GPUs), 80 steps (0.33M tokens): the MoE curves end 0.18-0.34 below dense's, 12-23 times the noise of a
+    # difference (0.46M tokens measured the same), and the six default variants take 22 minutes on 2 cores (bf16);
+    # validation on 32,768 tokens every 10 steps
     "cpu": dict(
         train=dict(
             n_layer=4, n_head=4, n_embd=128, vocab_size=50304, block_size=128, seq_len=128, micro_batch_size=8,
-            total_batch_size=4096, max_steps=160, warmup_steps=16, max_lr=3e-3, min_lr=3e-4, mixed_precision="bf16",
-            eval_interval=20, val_steps=32,
+            total_batch_size=4096, max_steps=80, warmup_steps=8, max_lr=3e-3, min_lr=3e-4, mixed_precision="bf16",
+            eval_interval=10, val_steps=32,
         ),
         data=dict(max_tokens=2_000_000, val_tokens=262_144),
     ),
@@ -220,12 +224,13 @@ def first_reaching(run: dict, target: float, key: str) -> float | None:
 
 
 @torch.no_grad()
-def validation_noise(run_dir: Path, data_dir: Path, shape: dict) -> tuple[list[float], int]:
-    """The final checkpoint's validation loss over disjoint passes of `val_steps` batches each, evaluated as the
-    training loop evaluates (the first pass is the logged final figure), and the tokens in one pass."""
+def validation_passes(run_dir: Path, data_dir: Path, shape: dict, passes: int = 4) -> list[float]:
+    """The final checkpoint's validation loss over disjoint passes of `val_steps` batches each, read as the
+    training loop reads them (the first pass is the logged final figure)."""
     model = GPTMoEForCausalLM.from_pretrained(next(run_dir.glob("model_*"))).eval()
-    loader = ShardLoader(data_dir, "val", shape["micro_batch_size"], shape["seq_len"], vocab_size=shape["vocab_size"])
-    passes = min(8, loader.num_batches // shape["val_steps"])
+    layout = dict(batch_size=shape["micro_batch_size"], seq_len=shape["seq_len"], vocab_size=shape["vocab_size"])
+    loader = validation_loader(data_dir, RUN_FLAGS["shuffle"], **layout)
+    passes = min(passes, loader.num_batches // shape["val_steps"])
     bf16 = shape["mixed_precision"] == "bf16"
     losses = []
     with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext():
@@ -233,7 +238,7 @@ def validation_noise(run_dir: Path, data_dir: Path, shape: dict) -> tuple[list[f
             batches = [loader.next_batch() for _ in range(shape["val_steps"])]
             per_batch = [F.cross_entropy(model(x).logits.flatten(0, 1).float(), y.flatten()) for x, y in batches]
             losses.append(torch.stack(per_batch).mean().item())
-    return losses, shape["val_steps"] * shape["micro_batch_size"] * shape["seq_len"]
+    return losses
 
 
 def balance(load: list[dict]) -> tuple[str, int]:
@@ -250,20 +255,29 @@ def fraction(value: float | None, reference: float | None) -> str:
     return "not reached" if value is None or not reference else f"{value / reference:.2f}"
 
 
+def difference(passes: list[float], reference: list[float]) -> str:
+    """Mean and spread of the pass-by-pass difference of two models' validation losses, on the same passes."""
+    differences = np.subtract(passes, reference)
+    spread = f" ± {np.std(differences, ddof=1):.4f}" if len(differences) > 1 else ""
+    return f"{differences.mean():+.4f}{spread}"
+
+
 def table(names: list[str], runs: dict[str, dict]) -> list[str]:
     reference = runs[names[0]]
     target = reference["val"][-1]
     tokens_ref, seconds_ref = (first_reaching(reference, target, key) for key in ("tokens", "seconds"))
     rows = [
-        f"| variant | final val loss | tokens to {names[0]}'s final | time to it | step time | "
-        "expert max/mean per layer (worst) | dead experts |",
-        "|---|---|---|---|---|---|---|",
+        f"| variant | final val loss | difference to {names[0]} (std over passes) | tokens to {names[0]}'s final | "
+        "time to it | step time | expert max/mean per layer (worst) | dead experts |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name in names:
         run = runs[name]
         loads, dead = balance(run["load"])
+        versus = "-" if run is reference else difference(run["passes"], reference["passes"])
         rows.append(
-            f"| {name} | {run['val'][-1]:.4f} | {fraction(first_reaching(run, target, 'tokens'), tokens_ref)} | "
+            f"| {name} | {run['val'][-1]:.4f} | {versus} | "
+            f"{fraction(first_reaching(run, target, 'tokens'), tokens_ref)} | "
             f"{fraction(first_reaching(run, target, 'seconds'), seconds_ref)} | "
             f"{run['step_time'] / reference['step_time']:.2f}x | {loads} | {dead} |"
         )
@@ -312,9 +326,10 @@ def plot(names: list[str], runs: dict[str, dict], out_file: Path) -> None:
     plt.close(fig)
 
 
-def report(args, data_dir: Path, runs: dict[str, dict], noise: tuple[list[float], int], seconds: float) -> str:
-    losses, pass_tokens = noise
+def report(args, data_dir: Path, runs: dict[str, dict], seconds: float) -> str:
     shape = SHAPES[args.shape]["train"]
+    losses = runs[args.variants[0]]["passes"]
+    pass_tokens = shape["val_steps"] * shape["micro_batch_size"] * shape["seq_len"]
     spread = f"{statistics.stdev(losses):.4f}" if len(losses) > 1 else "n/a (one pass)"
     duration = f"{seconds / 60:.1f} minutes for this command" + (", finished runs reused" if args.reuse_runs else "")
     lines = [
@@ -331,7 +346,9 @@ def report(args, data_dir: Path, runs: dict[str, dict], noise: tuple[list[float]
         f"Validation noise: the final {args.variants[0]} model's loss over {len(losses)} disjoint validation passes "
         f"of {pass_tokens:,} tokens (one evaluation's) has a standard deviation of {spread} "
         f"(values {', '.join(f'{loss:.4f}' for loss in losses)}; the first pass is the one the runs evaluate on, "
-        f"logged as {runs[args.variants[0]]['val'][-1]:.4f}).",
+        f"logged as {runs[args.variants[0]]['val'][-1]:.4f}). The difference column is each variant's loss minus "
+        f"{args.variants[0]}'s on the same pass, mean ± standard deviation over the passes: the noise of the "
+        "differences the table reports, as every run evaluates on the same sequences.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -346,8 +363,10 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.variants:
         print(f"training {name}", flush=True)
         runs[name] = read_run(train(name, args, data_dir), shape["total_batch_size"])
-    noise = validation_noise(args.output_dir / args.variants[0], data_dir, shape)
-    text = report(args, data_dir, runs, noise, time.perf_counter() - started)
+    print("validation noise: every final checkpoint on disjoint validation passes", flush=True)
+    for name in args.variants:
+        runs[name]["passes"] = validation_passes(args.output_dir / name, data_dir, shape)
+    text = report(args, data_dir, runs, time.perf_counter() - started)
     (args.output_dir / "moe_vs_dense.md").write_text(text)
     plot(args.variants, runs, args.output_dir / "moe_vs_dense.png")
     print(text)

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import prepare_fineweb
-from fineweb_shards import ShardError, ShardLoader, find_shards, open_shard, write_shard
+from fineweb_shards import ShardError, ShardLoader, find_shards, open_shard, validation_loader, write_shard
 from gpt2_tokenizer import EOT_ID, get_encoding
 
 REPO = Path(__file__).resolve().parents[1]
@@ -652,6 +652,19 @@ def test_shuffle_permutes_shards_and_sequences_every_epoch_from_the_seed(three_s
     in_shard_1 = [[start for start in epoch if start // 1000 == 1] for epoch in runs]
     assert in_shard_1[0] != sorted(in_shard_1[0]) and in_shard_1[0] != in_shard_1[1]
     assert len(set(in_shard_1[0])) == len(in_shard_1[0]) == 24  # 12 windows of 2 rows out of 24 sequences
+
+
+def test_a_shuffled_validation_pass_samples_the_whole_split_and_repeats(tmp_path):
+    write_shard(tmp_path / "val_000000.bin", positions(800))
+    B, T, batches = 2, 8, 4  # a pass of 8 of the split's 99 sequences
+    first = validation_loader(tmp_path, shuffle=True, batch_size=B, seq_len=T)
+    rows = [start for batch in row_starts(first, batches) for start in batch]
+    assert max(rows) - min(rows) > 400  # from all over the split, not its first 64 tokens
+    first.reset()  # every evaluation reads the same sequences, whatever the run's seed
+    assert [start for batch in row_starts(first, batches) for start in batch] == rows
+    assert row_starts(validation_loader(tmp_path, shuffle=True, batch_size=B, seq_len=T), batches)[0] == rows[:B]
+    in_order = validation_loader(tmp_path, shuffle=False, batch_size=B, seq_len=T)
+    assert [start for batch in row_starts(in_order, batches) for start in batch] == list(range(0, B * T * batches, T))
 
 
 @pytest.mark.parametrize("shuffle", [False, True])
