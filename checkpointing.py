@@ -10,7 +10,8 @@
             trainer_state.json         step, data position, metrics, arguments
 
 A checkpoint is written under `model_00500.tmp` and renamed when complete, so a folder with the
-final name is always whole. The output folder must be on a filesystem all processes share.
+final name is always whole. The output folder must be on a filesystem all processes share. A write that fails
+(a full disk, a read-only folder) stops every process with one line naming the last complete checkpoint.
 """
 
 import json
@@ -18,25 +19,32 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from huggingface_hub import HfApi
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 if __package__:  # installed: these modules are the package gpt_moe
+    from .command_line import write_failed
     from .training_metrics import active_parameters
 else:  # a script or module of a clone, whose root is on sys.path
+    from command_line import write_failed
     from training_metrics import active_parameters
 
 TRAINING_STATE = "training_state"
 TRAINER_STATE_FILE = "trainer_state.json"
 CHECKPOINT_NAME = re.compile(r"model_(\d+)")
 METRIC_NAMES = {"train": "train loss", "val": "validation loss", "hella": "HellaSwag acc_norm"}
+# what torch.save's zip writer names in the RuntimeError it raises when a write fails (it keeps no error number):
+# its class in TORCH_CHECK's messages, its source file in CAFFE_ENFORCE's
+TORCH_WRITER_MARKS = ("PytorchStreamWriter", "inline_container.cc")
 
 # accelerate warns on every save that the tied lm_head is stored once; that is intended
 logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
@@ -44,6 +52,11 @@ logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed from; the message says why and what to do."""
+
+
+class WriteError(Exception):
+    """An output of the run that could not be written (a full disk, a read-only folder); raised on every process
+    alike, with one line naming it, the cause, the last complete checkpoint and what to do."""
 
 
 def checkpoint_path(output_dir: str | Path, step: int) -> Path:
@@ -70,6 +83,48 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
         return []
     found = [p for p in Path(output_dir).iterdir() if p.is_dir() and CHECKPOINT_NAME.fullmatch(p.name)]
     return sorted(found, key=lambda p: int(CHECKPOINT_NAME.fullmatch(p.name).group(1)))
+
+
+def what_was_kept(output_dir: str | Path) -> tuple[str, str]:
+    """What a run that stops on a fault leaves: the last complete checkpoint, and how to go on from it."""
+    checkpoints = list_checkpoints(output_dir)
+    if not checkpoints:
+        return "no checkpoint yet", "run the command again"
+    step = int(CHECKPOINT_NAME.fullmatch(checkpoints[-1].name).group(1))
+    kept = f"the last complete checkpoint is {checkpoints[-1]} (step {step})"
+    return kept, "resume with --resume_from_checkpoint latest"
+
+
+def write_fault(error: Exception) -> OSError | None:
+    """The OSError behind a failed write, or None when `error` is something else. Not only OSError itself:
+    safetensors (SafetensorError) and tokenizers raise errors ending in Rust's "(os error 28)", and torch.save a
+    RuntimeError of its zip writer that carries no cause at all."""
+    if isinstance(error, OSError):
+        return error
+    code = re.search(r"\(os error (\d+)\)", str(error))
+    if code:
+        return OSError(int(code.group(1)), os.strerror(int(code.group(1))))
+    if isinstance(error, RuntimeError) and any(mark in str(error) for mark in TORCH_WRITER_MARKS):
+        return OSError(None, "torch.save stopped part-way without saying why")
+    return None
+
+
+def write_together(accelerator: Accelerator, write: Callable[[], None], target: Path, output_dir: str | Path) -> None:
+    """Call `write`, this process's part of writing `target`, then raise the same WriteError on every process if
+    it failed on any: one process stopping alone would leave the others waiting for it in their next collective.
+    Returns when every process has written its part (the exchange of outcomes is an all-gather). Any other error
+    is a bug, raised at once."""
+    line = None
+    try:
+        write()
+    except Exception as error:
+        fault = write_fault(error)
+        if fault is None:
+            raise
+        line = write_failed(target, fault, *what_was_kept(output_dir))
+    failed = [line for line in gather_object([line]) if line]
+    if failed:
+        raise WriteError(failed[0])
 
 
 def resolve_checkpoint(output_dir: str | Path, spec: str) -> Path | None:
@@ -117,7 +172,8 @@ class Checkpointer:
         }
 
     def save(self, step: int, metrics: dict) -> Path:
-        """Write checkpoint model_<step> (the state after `step` optimizer steps) and return its path."""
+        """Write checkpoint model_<step> (the state after `step` optimizer steps) and return its path. A write that
+        fails raises WriteError on every process, once the partial folder is removed."""
         accelerator, path = self.accelerator, checkpoint_path(self.output_dir, step)
         partial = path.with_name(path.name + ".tmp")
         if accelerator.is_main_process and partial.exists():
@@ -125,26 +181,18 @@ class Checkpointer:
         accelerator.wait_for_everyone()
         # the full state dict: under FSDP this gathers the shards, so every process takes part
         state_dict = accelerator.get_state_dict(self.model)
+        try:
+            # returns when every process has written its part: save_state returns on each process when its own
+            # files are written, and under FSDP the main process would otherwise rename the folder before the
+            # others write their random states into it
+            write_together(
+                accelerator, lambda: self.write(partial, step, metrics, state_dict), partial, self.output_dir
+            )
+        except WriteError:
+            if accelerator.is_main_process:
+                shutil.rmtree(partial, ignore_errors=True)  # it holds space the user is short of
+            raise
         if accelerator.is_main_process:
-            save_model(accelerator.unwrap_model(self.model), partial, state_dict)
-            self.tokenizer.save_pretrained(partial)
-            tokens = step * self.config["total_batch_size"]
-            card = model_card(self.repo_name, step, tokens, metrics, self.config, self.param_counts)
-            (partial / "README.md").write_text(card)
-        accelerator.save_state(partial / TRAINING_STATE)
-        # save_state returns on each process when its own files are written: under FSDP the main process got here
-        # as the others did and would rename the folder before they write their random states into it
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            trainer_state = {
-                "step": step,
-                "world_size": accelerator.num_processes,
-                # the loader's position is the same on every process (see fineweb_shards.ShardLoader)
-                "train_loader": self.train_loader.state_dict(),
-                "metrics": metrics,
-                "config": self.config,
-            }
-            (partial / TRAINING_STATE / TRAINER_STATE_FILE).write_text(json.dumps(trainer_state, indent=2) + "\n")
             os.replace(partial, path)
             self.log(f"saved {path}")
             if self.save_total_limit:
@@ -154,6 +202,28 @@ class Checkpointer:
                 self.uploader.upload(path)
         accelerator.wait_for_everyone()
         return path
+
+    def write(self, folder: Path, step: int, metrics: dict, state_dict: dict) -> None:
+        """This process's part of a checkpoint: the main process writes the model folder and the trainer state,
+        every process its training state (its random states; its shards under FSDP)."""
+        accelerator = self.accelerator
+        if accelerator.is_main_process:
+            save_model(accelerator.unwrap_model(self.model), folder, state_dict)
+            self.tokenizer.save_pretrained(folder)
+            tokens = step * self.config["total_batch_size"]
+            card = model_card(self.repo_name, step, tokens, metrics, self.config, self.param_counts)
+            (folder / "README.md").write_text(card)
+        accelerator.save_state(folder / TRAINING_STATE)
+        if accelerator.is_main_process:
+            trainer_state = {
+                "step": step,
+                "world_size": accelerator.num_processes,
+                # the loader's position is the same on every process (see fineweb_shards.ShardLoader)
+                "train_loader": self.train_loader.state_dict(),
+                "metrics": metrics,
+                "config": self.config,
+            }
+            (folder / TRAINING_STATE / TRAINER_STATE_FILE).write_text(json.dumps(trainer_state, indent=2) + "\n")
 
     def restore(self, path: Path) -> int:
         """Load model, optimizer, RNG and data position from a checkpoint; returns the step to continue from."""

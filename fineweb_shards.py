@@ -36,7 +36,9 @@ def write_shard(path: str | os.PathLike, tokens: np.ndarray) -> None:
     header[:3] = MAGIC, VERSION, len(tokens)
     with open(path, "wb") as f:
         f.write(header.tobytes())
-        tokens.astype("<u2", copy=False).tofile(f)
+        # through the file object, not tofile(): a failed write then raises an OSError naming its cause (tofile's
+        # says only how many bytes it wrote)
+        f.write(np.ascontiguousarray(tokens, dtype="<u2").data)
         # on disk before the caller renames it into place, so a power loss never leaves a
         # complete-looking shard with missing data
         f.flush()

@@ -20,11 +20,11 @@ $GPT_MOE_HELLASWAG_DIR (default ~/.cache/gpt_moe/hellaswag), or read from --data
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import re
-import shutil
 import sys
 import urllib.request
 from collections.abc import Callable
@@ -38,10 +38,10 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 if __package__:  # installed: these modules are the package gpt_moe
-    from .command_line import ArgumentParser
+    from .command_line import ArgumentParser, write_failed
     from .gpt2_tokenizer import get_tokenizer
 else:  # a script or module of a clone, whose root is on sys.path
-    from command_line import ArgumentParser
+    from command_line import ArgumentParser, write_failed
     from gpt2_tokenizer import get_tokenizer
 
 DATA_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -120,22 +120,29 @@ def val_file_path() -> Path:
 
 
 def download_val_file(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # one temporary name per process, so that ranks downloading side by side do not collide
-    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
     try:
-        with urllib.request.urlopen(DATA_URL, timeout=60) as response, open(partial, "wb") as f:
-            shutil.copyfileobj(response, f)
-        # an interrupted download never takes the final name
-        os.replace(partial, path)
+        # read whole (11 MB) before anything is written, so that a fault of the network and one of the disk are told
+        # apart
+        with urllib.request.urlopen(DATA_URL, timeout=60) as response:
+            data = response.read()
     except OSError as error:
         reason = getattr(error, "reason", error)
         raise HellaSwagError(
             f"cannot download {DATA_URL} ({reason}); put {VAL_FILE_NAME} at {path} "
             f"(or set {DATA_DIR_ENV} to its folder), or pass --data_file PATH"
         ) from None
+    # one temporary name per process, so that ranks downloading side by side do not collide
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_bytes(data)
+        os.replace(partial, path)  # an interrupted download never takes the final name
+    except OSError as error:
+        then = f"rerun, or set {DATA_DIR_ENV} to another folder"
+        raise HellaSwagError(write_failed(path, error, "no partial file is left", then)) from None
     finally:
-        partial.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # in a read-only folder there is nothing to remove, and removing fails
+            partial.unlink(missing_ok=True)
 
 
 def load_examples(data_file: str | Path | None = None) -> list[dict]:
@@ -396,9 +403,25 @@ def main(argv: list[str] | None = None) -> int:
     scores = {"model": args.model, "style": args.style, "n": result.n, "acc": result.acc, "acc_norm": result.acc_norm}
     print(f"hellaswag {args.style}: acc {result.acc:.4f} | acc_norm {result.acc_norm:.4f} | n {result.n}")
     if args.output_json:
-        Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output_json).write_text(json.dumps(scores, indent=2) + "\n")
+        try:
+            write_json(Path(args.output_json), scores)
+        except OSError as error:
+            kept, then = "the scores are printed above", "rerun, or pass another --output_json"
+            print(f"error: {write_failed(args.output_json, error, kept, then)}", file=sys.stderr)
+            return 1
     return 0
+
+
+def write_json(path: Path, scores: dict) -> None:
+    """Write a temporary file and rename it over `path`: a write that fails leaves an earlier file whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    try:
+        temporary.write_text(json.dumps(scores, indent=2) + "\n")
+        os.replace(temporary, path)
+    finally:
+        with contextlib.suppress(OSError):  # in a read-only folder there is nothing to remove, and removing fails
+            temporary.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ Every document becomes <|endoftext|> followed by its `encode_ordinary` tokens, i
 order, whatever --num_proc. The first --val_tokens tokens go to val_000000.bin, ... and the
 rest to train_000000.bin, ... (see fineweb_shards.py for the format). manifest.json beside
 the shards records the source, the tokenizer and every shard; a shard is written to a
-temporary name and renamed when complete, so re-running the same command after a crash or
+temporary name and renamed when complete, so re-running the same command after a crash, a full disk or
 Ctrl-C keeps the complete shards and carries on from the first missing one.
 
 --num_proc worker processes tokenise; the main process puts their results in order and writes
@@ -50,11 +50,11 @@ from datasets.exceptions import DatasetNotFoundError
 from tqdm import tqdm
 
 if __package__:  # installed: these modules are the package gpt_moe
-    from .command_line import ArgumentParser
+    from .command_line import ArgumentParser, write_failed
     from .fineweb_shards import MAGIC, SHARD_SUFFIXES, VERSION, ShardError, open_shard, write_shard
     from .gpt2_tokenizer import EOT_ID, VOCAB_SHA256, VOCAB_SIZE, get_encoding
 else:  # a script or module of a clone, whose root is on sys.path
-    from command_line import ArgumentParser
+    from command_line import ArgumentParser, write_failed
     from fineweb_shards import MAGIC, SHARD_SUFFIXES, VERSION, ShardError, open_shard, write_shard
     from gpt2_tokenizer import EOT_ID, VOCAB_SHA256, VOCAB_SIZE, get_encoding
 
@@ -639,6 +639,34 @@ def shard_is_intact(path: Path, tokens: int) -> bool:
         return False
 
 
+def reports_write_faults(write: Callable) -> Callable:
+    """`write(output_dir, ...)` with an OSError (a full disk, a read-only folder) turned into a one-line UsageError
+    that says how many complete shards are kept and that the same command resumes. The temporary files of the failed
+    write are removed at once: they hold space the user is short of."""
+
+    @functools.wraps(write)
+    def reported(output_dir: Path, *args) -> None:
+        try:
+            write(output_dir, *args)
+        except OSError as error:
+            for temporary in output_dir.glob("*.tmp"):
+                with contextlib.suppress(OSError):  # in a read-only folder there are none, and removing fails
+                    temporary.unlink()
+            kept = f"{recorded_shards(output_dir)} complete shard(s) kept"
+            raise UsageError(write_failed(output_dir, error, kept, "rerun the same command to resume")) from None
+
+    return reported
+
+
+def recorded_shards(output_dir: Path) -> int:
+    """How many shards the manifest on disk records: those a rerun keeps."""
+    try:
+        return len(json.loads((output_dir / MANIFEST).read_text())["shards"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+@reports_write_faults
 def clear_for_writing(output_dir: Path, manifest: dict, overwrite: bool) -> None:
     """Remove temporary files and every shard not kept by `manifest` (all of them with --overwrite)."""
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -649,6 +677,7 @@ def clear_for_writing(output_dir: Path, manifest: dict, overwrite: bool) -> None
     write_manifest(output_dir, manifest)
 
 
+@reports_write_faults
 def write_manifest(output_dir: Path, manifest: dict) -> None:
     manifest["total_tokens"] = sum(s["tokens"] for s in manifest["shards"])
     temporary = output_dir / (MANIFEST + ".tmp")
@@ -666,6 +695,7 @@ def next_shard(position: int, settings: dict) -> tuple[str, int]:
     return name, size if max_tokens is None else min(size, max_tokens - position)
 
 
+@reports_write_faults
 def save_shard(output_dir: Path, manifest: dict, name: str, tokens: np.ndarray, end: tuple[int, int]) -> None:
     """Write a shard under a temporary name, rename it, then record it (with where the stream goes on)."""
     temporary = output_dir / (name + ".tmp")

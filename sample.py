@@ -5,6 +5,7 @@ python sample.py user/gpt-moe-124m --prompt "The history of" --num_samples 2 --m
 """
 
 import argparse
+import os
 import sys
 
 import torch
@@ -54,8 +55,19 @@ def main(argv: list[str] | None = None) -> int:
         num_return_sequences=args.num_samples,
         pad_token_id=tokenizer.eos_token_id,
     )
-    for i, text in enumerate(tokenizer.batch_decode(outputs, skip_special_tokens=True)):
-        print(f"sample {i}: {text}")
+    try:
+        for i, text in enumerate(tokenizer.batch_decode(outputs, skip_special_tokens=True)):
+            print(f"sample {i}: {text}")
+        sys.stdout.flush()  # stdout redirected to a full disk fails here, not after main() has returned
+    except OSError as error:
+        # what is still buffered would fail again in the flush at exit, with Python's "Exception ignored" message
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print(
+            f"error: cannot write the samples to stdout: {error.strerror}; free some space or write them elsewhere "
+            "and rerun (the same --seed gives the same samples)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -17,7 +17,7 @@ import os
 import signal
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import Literal
@@ -34,7 +34,15 @@ from transformers.utils.logging import disable_progress_bar
 
 if __package__:  # installed: these modules are the package gpt_moe
     from . import hellaswag
-    from .checkpointing import Checkpointer, CheckpointError, list_checkpoints, resolve_checkpoint
+    from .checkpointing import (
+        Checkpointer,
+        CheckpointError,
+        WriteError,
+        list_checkpoints,
+        resolve_checkpoint,
+        what_was_kept,
+        write_together,
+    )
     from .configuration_gpt_moe import GPTMoEConfig
     from .cpu_memory import keep_freed_memory
     from .fineweb_shards import ShardError, ShardLoader, validation_loader
@@ -52,7 +60,15 @@ if __package__:  # installed: these modules are the package gpt_moe
     from .training_plots import plot_expert_load, plot_losses
 else:  # a script or module of a clone, whose root is on sys.path
     import hellaswag
-    from checkpointing import Checkpointer, CheckpointError, list_checkpoints, resolve_checkpoint
+    from checkpointing import (
+        Checkpointer,
+        CheckpointError,
+        WriteError,
+        list_checkpoints,
+        resolve_checkpoint,
+        what_was_kept,
+        write_together,
+    )
     from configuration_gpt_moe import GPTMoEConfig
     from cpu_memory import keep_freed_memory
     from fineweb_shards import ShardError, ShardLoader, validation_loader
@@ -367,7 +383,14 @@ def install_stop_handlers(accelerator: Accelerator, log) -> None:
 
 class RunLog:
     """Where results go: the console, log.txt (build-nanogpt's `<step> <stream> <value>` lines),
-    expert_load.jsonl, the trackers and the plots. Only the main process writes."""
+    expert_load.jsonl, the trackers and the plots. Only the main process writes.
+
+    An output_dir that cannot be written stops the run at the start. Later, a record or plot that cannot be written
+    is a warning and the run goes on to the checkpoint due at that step, which is saved, or fails in turn and stops
+    the run naming the last complete one. A checkpoint is the run's state, and losing one costs the steps since the
+    one before; the reports lose nothing that matters: plots are redrawn from the logs at every evaluation, and the
+    console and the trackers hold every record.
+    """
 
     def __init__(self, accelerator: Accelerator, output_dir: str):
         self.accelerator = accelerator
@@ -376,18 +399,23 @@ class RunLog:
         self.metrics: dict[str, float] = {}  # the latest value of each stream, for the model card
 
     def start(self, step: int, config: dict) -> None:
-        """Open the trackers, and drop the records of `step` and later left by an earlier run (all of
-        them when starting afresh), so a resumed run continues the files where its checkpoint was taken."""
+        """Drop the records of `step` and later left by an earlier run (all of them when starting afresh), so a
+        resumed run continues the files where its checkpoint was taken, and open the trackers."""
+        write_together(self.accelerator, lambda: self.keep_records_before(step), self.dir, self.dir)
         # trackers take int, float, str and bool values only
         self.accelerator.init_trackers(
             "gpt-moe", {k: v if type(v) in (bool, int, float, str) else str(v) for k, v in config.items()}
         )
-        if self.accelerator.is_main_process:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            for path in (self.log_file, self.load_file):
-                if path.exists():
-                    kept = [line for line in path.read_text().splitlines(True) if record_step(line) < step]
-                    path.write_text("".join(kept))
+
+    def keep_records_before(self, step: int) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        # log.txt is written even when new: an output_dir that cannot be written stops the run now, not at its first
+        # checkpoint hours later
+        replace_file(self.log_file, records_before(self.log_file, step))
+        if self.load_file.exists():
+            replace_file(self.load_file, records_before(self.load_file, step))
 
     def print(self, message: str) -> None:
         self.accelerator.print(message, flush=True)
@@ -398,8 +426,7 @@ class RunLog:
         self.metrics[stream] = value
         self.accelerator.log({stream: value}, step=step)
         if self.accelerator.is_main_process:
-            with open(self.log_file, "a") as f:
-                f.write(f"{step} {stream} {value:{fmt}}\n")
+            self.append(self.log_file, step, f"{step} {stream} {value:{fmt}}\n")
 
     def record_expert_load(self, step: int, layers: list[int], loads: list[ExpertLoad]) -> None:
         if not loads:
@@ -419,14 +446,56 @@ class RunLog:
                 step=step,
             )
         if self.accelerator.is_main_process:
-            with open(self.load_file, "a") as f:
-                f.write(json.dumps({"step": step, "layers": records}) + "\n")
+            self.append(self.load_file, step, json.dumps({"step": step, "layers": records}) + "\n")
+
+    def append(self, path: Path, step: int, line: str) -> None:
+        try:
+            append_whole(path, line)
+        except OSError as error:
+            self.print(f"warning: cannot write {path}: {error.strerror}; its record of step {step} is only printed")
 
     def plot(self) -> None:
         if self.accelerator.is_main_process:
-            plot_losses(self.log_file, self.dir / "loss.png")
+            self.draw(plot_losses, self.log_file, self.dir / "loss.png")
             if self.load_file.exists() and self.load_file.stat().st_size:
-                plot_expert_load(self.load_file, self.dir / "expert_load.png")
+                self.draw(plot_expert_load, self.load_file, self.dir / "expert_load.png")
+
+    def draw(self, plot, source: Path, image: Path) -> None:
+        try:
+            plot(source, image)
+        except OSError as error:
+            self.print(f"warning: cannot write {image}: {error.strerror}; it is drawn again at the next evaluation")
+
+
+def records_before(path: Path, step: int) -> str:
+    """The lines of log.txt or expert_load.jsonl that record steps before `step` ("" when it does not exist)."""
+    lines = path.read_text().splitlines(True) if path.exists() else []
+    return "".join(line for line in lines if record_step(line) < step)
+
+
+def replace_file(path: Path, text: str) -> None:
+    """Write a temporary file and rename it over `path`: a write that fails leaves the old file whole."""
+    temporary = path.with_name(path.name + ".tmp")
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, path)
+    except OSError:
+        with suppress(OSError):  # in a read-only folder there is nothing to remove, and removing fails too
+            temporary.unlink(missing_ok=True)
+        raise
+
+
+def append_whole(path: Path, line: str) -> None:
+    """Append `line` whole or not at all: a line cut short by a full disk would make the file unreadable."""
+    with open(path, "ab", buffering=0) as f:
+        end = f.tell()
+        data = memoryview(line.encode())
+        try:
+            while data:  # a write may take part of the data; the next one then raises the cause
+                data = data[f.write(data) :]
+        except OSError:
+            f.truncate(end)
+            raise
 
 
 def record_step(line: str) -> int:
@@ -671,6 +740,7 @@ def train(model_args, args: TrainArguments, accelerator: Accelerator) -> None:
             if is_due(step, args.sample_interval, last_step):
                 for i, text in enumerate(generate_samples(unwrapped, tokenizer, args.seed)):
                     run_log.print(f"sample {i}: {text}")
+            # after the records and plots of this step: one of those that could not be written was a warning (RunLog)
             if step > start_step and is_due(step, args.save_interval, last_step):
                 checkpointer.save(step, run_log.metrics)
             if last_step:
@@ -700,14 +770,38 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model_args, args = parse_arguments(argv)
         accelerator = build_accelerator(args)
-        try:
-            train(model_args, args, accelerator)
-        finally:
-            accelerator.end_training()
-    except (TrainingError, CheckpointError, ShardError, hellaswag.HellaSwagError) as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        return 1
+    except TrainingError as error:
+        return report(error)
+    # an error is reported before end_training() ends the process group, which waits for the other processes
+    try:
+        train(model_args, args, accelerator)
+    except (TrainingError, CheckpointError, WriteError, ShardError, hellaswag.HellaSwagError) as error:
+        return report(error)
+    except torch.OutOfMemoryError:
+        # nothing is saved: the step stopped part-way, its batches read and its gradients partly summed
+        return report(out_of_memory(args))
+    finally:
+        accelerator.end_training()
     return 0
+
+
+def report(error) -> int:
+    """Print an error as one line on stderr, prefixed with the process's rank when there are several (each process
+    reports its own); returns the exit status, 1."""
+    rank = f"[rank {os.environ.get('RANK', 0)}] " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+    # one write, newline included: processes sharing a terminal or pipe then never cut into each other's lines
+    sys.stderr.write(f"{rank}error: {error}\n")
+    sys.stderr.flush()
+    return 1
+
+
+def out_of_memory(args: TrainArguments) -> str:
+    kept, then = what_was_kept(args.output_dir)
+    return (
+        f"out of GPU memory with --micro_batch_size {args.micro_batch_size} sequences of --seq_len {args.seq_len} "
+        f"tokens per forward pass; {kept}: lower --micro_batch_size (gradient accumulation takes more micro-steps "
+        f"and keeps --total_batch_size {args.total_batch_size}) and {then}"
+    )
 
 
 if __name__ == "__main__":

@@ -45,9 +45,7 @@ def plot_losses(log_file: Path, out_file: Path) -> None:
     hella_ax.axhline(GPT2_124M_HELLASWAG, color="r", linestyle="--", label="OpenAI GPT-2 124M")
     hella_ax.set(xlabel="step", ylabel="accuracy", title="HellaSwag")
     hella_ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_file, dpi=100)
-    plt.close(fig)
+    save(fig, out_file)
 
 
 def plot_expert_load(load_file: Path, out_file: Path) -> None:
@@ -68,6 +66,13 @@ def plot_expert_load(load_file: Path, out_file: Path) -> None:
     ratio_ax.axhline(1.0, color="k", linestyle=":", label="perfect balance")
     ratio_ax.set(xlabel="step", ylabel="max / mean expert load", title="Load imbalance")
     ratio_ax.legend(fontsize="small", ncol=2)
+    save(fig, out_file)
+
+
+def save(fig: plt.Figure, out_file: Path) -> None:
+    """Write the figure and close it, also when the write fails: pyplot keeps every open figure in memory."""
     fig.tight_layout()
-    fig.savefig(out_file, dpi=100)
-    plt.close(fig)
+    try:
+        fig.savefig(out_file, dpi=100)
+    finally:
+        plt.close(fig)

@@ -4,6 +4,8 @@ import copy
 import dataclasses
 import json
 import os
+import resource
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -336,7 +338,19 @@ def test_offline_without_local_copy_says_where_to_put_it(tmp_path, monkeypatch):
         hellaswag.load_examples()
     message = str(error.value)
     assert str(tmp_path / "cache" / hellaswag.VAL_FILE_NAME) in message and "--data_file" in message
-    assert os.listdir(tmp_path / "cache") == []  # no partial file left behind
+    assert not (tmp_path / "cache").exists()  # nothing written: neither a partial file nor its folder
+
+
+def test_a_download_that_cannot_be_written_is_one_line(tmp_path, data_file, monkeypatch):
+    (tmp_path / "file").write_text("a file where the cache folder would go")
+    monkeypatch.setenv(hellaswag.DATA_DIR_ENV, str(tmp_path / "file" / "cache"))
+    monkeypatch.setattr(hellaswag, "DATA_URL", data_file.as_uri())
+    with pytest.raises(hellaswag.HellaSwagError) as error:
+        hellaswag.load_examples()
+    assert str(error.value) == (
+        f"cannot write {tmp_path / 'file' / 'cache'}: Not a directory; no partial file is left: check the path and "
+        f"its filesystem and rerun, or set {hellaswag.DATA_DIR_ENV} to another folder"
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -367,6 +381,35 @@ def test_cli_falls_back_to_gpt2_tokenizer(model, model_dir, data_file, tmp_path,
 
     assert scores_of(bare_dir) == scores_of(model_dir)
     assert "has no tokenizer, using the project's GPT-2 tokenizer" in capsys.readouterr().err
+
+
+def files_limited_to_32_bytes() -> None:
+    """Run in a child before it starts: a write past a file's 32nd byte fails with EFBIG, as one fails with ENOSPC on
+    a full disk (SIGXFSZ ignored, or the kernel would kill the child instead). Importing torch writes 4 bytes to find
+    a temporary folder; the scores take more."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (32, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+
+def test_cli_scores_that_cannot_be_written_are_one_line(model_dir, data_file, tmp_path):
+    output = tmp_path / "scores.json"
+    output.write_text("an earlier run's scores\n")
+    argv = ["--model", model_dir, "--data_file", data_file, "--device", "cpu", "--output_json", output]
+    result = subprocess.run(
+        [sys.executable, str(REPO / "hellaswag.py"), *map(str, argv)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=files_limited_to_32_bytes,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (  # after the progress bar
+        f"error: cannot write {output}: File too large; the scores are printed above: lift the file size limit "
+        "(ulimit -f, or the filesystem's own) and rerun, or pass another --output_json"
+    )
+    assert "hellaswag completion: acc" in result.stdout
+    assert sorted(os.listdir(tmp_path)) == sorted([data_file.name, output.name])  # no temporary file left
+    assert output.read_text() == "an earlier run's scores\n"  # written to a temporary file, never over it
 
 
 def test_cli_user_errors_are_one_line(model_dir, data_file, tmp_path, capsys):

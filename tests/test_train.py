@@ -23,6 +23,7 @@ from accelerate.commands.config.config_args import load_config_from_file
 from conftest import REPO_ROOT, requires_glibc, tiny_model
 from safetensors.torch import load_file
 
+import checkpointing
 import hellaswag
 import train_accelerate
 from fineweb_shards import write_shard
@@ -380,6 +381,192 @@ def test_bad_input_is_one_clear_line(corpus, tmp_path):
         lines = stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), (case, stderr)
         assert cases[case][1] in lines[0], (case, lines[0])
+
+
+# -----------------------------------------------------------------------------
+# faults of the machine: one line, and nothing complete is lost
+
+ONE_PROCESS_RUN = [*TINY_RUN, "--micro_batch_size", "8"]  # the same 512-token steps as the 2-process run
+# A child that limits the size of any file it writes once the first checkpoint is saved (RLIMIT_FSIZE): every later
+# write past the limit fails with EFBIG, as one fails with ENOSPC on a full disk, whichever library makes it. SIGXFSZ
+# is ignored, or the kernel would kill the process instead. Arguments: the repository, the limit, then the run's flags.
+LIMITED_AFTER_FIRST_CHECKPOINT = """
+import resource, signal, sys
+sys.path.insert(0, sys.argv.pop(1))
+limit = int(sys.argv.pop(1))
+import checkpointing, train_accelerate
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+save = checkpointing.Checkpointer.save
+
+def save_then_limit(self, step, metrics):
+    path = save(self, step, metrics)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    return path
+
+checkpointing.Checkpointer.save = save_then_limit
+sys.exit(train_accelerate.main())
+"""
+# the 3rd training forward pass (step 1's first micro-step) runs out of GPU memory, on every process
+OUT_OF_MEMORY_AT_STEP_1 = """
+import sys, torch
+sys.path.insert(0, {repo!r})
+import modeling_gpt_moe, train_accelerate
+
+forward, calls = modeling_gpt_moe.GPTMoEForCausalLM.forward, []
+
+def forward_until_out_of_memory(self, *args, **kwargs):
+    if self.training:
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    return forward(self, *args, **kwargs)
+
+modeling_gpt_moe.GPTMoEForCausalLM.forward = forward_until_out_of_memory
+sys.exit(train_accelerate.main())
+"""
+# what each writer of a checkpoint raises when a write fails, and the OSError write_fault finds behind it
+WRITERS_PAST_A_FILE_SIZE_LIMIT = """
+import json, resource, signal, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import torch
+from safetensors.torch import save_file
+from checkpointing import write_fault
+from gpt2_tokenizer import get_tokenizer
+
+tokenizer, tensors = get_tokenizer(), {"weight": torch.zeros(1000)}
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+writers = {
+    "safetensors": lambda: save_file(tensors, "weights.safetensors"),
+    "torch.save": lambda: torch.save(tensors, "optimizer.bin"),
+    "tokenizers": lambda: tokenizer.save_pretrained("tokenizer"),
+    "python": lambda: Path("card.md").write_text("x" * 2000),
+}
+faults = {}
+for name, write in writers.items():
+    try:
+        write()
+    except Exception as error:
+        fault = write_fault(error)
+        faults[name] = fault and [fault.errno, fault.strerror]
+print(json.dumps(faults))
+"""
+
+
+@pytest.fixture(scope="module")
+def one_process_run(corpus, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """An uninterrupted 1-process run whose plots cannot be written: a folder stands where each would go."""
+    output_dir = tmp_path_factory.mktemp("one_process") / "log"
+    for image in ("loss.png", "expert_load.png"):
+        (output_dir / image).mkdir(parents=True)
+    command = [sys.executable, SCRIPT, *ONE_PROCESS_RUN, "--data_dir", corpus, "--output_dir", output_dir]
+    return output_dir, run(command, output_dir.parent)
+
+
+def test_plots_that_cannot_be_written_are_warnings_and_every_checkpoint_is_saved(one_process_run):
+    output_dir, result = one_process_run
+    assert result.returncode == 0 and "Traceback" not in result.stderr, printed(result)
+    for image in ("loss.png", "expert_load.png"):
+        warning = (
+            f"warning: cannot write {output_dir / image}: Is a directory; it is drawn again at the next evaluation"
+        )
+        assert result.stdout.count(warning) == 3, result.stdout  # steps 0, 4 and 8
+    assert sorted(p.name for p in output_dir.glob("model_*")) == ["model_00004", "model_00008"]
+    records = read_log(output_dir)
+    assert sorted(records["train"]) == list(range(STEPS)) and sorted(records["val"]) == [0, 4, 8]
+
+
+@pytest.mark.parametrize(
+    "limit, cause, remedy",
+    [
+        # model.safetensors (6.7 MB) is the first file past 1 MB: safetensors' SafetensorError
+        (10**6, "File too large", "lift the file size limit (ulimit -f, or the filesystem's own)"),
+        # optimizer.bin (13.5 MB) is the only one past 10 MB: torch.save's RuntimeError, which gives no cause
+        (10**7, "torch.save stopped part-way without saying why", "check the path and its filesystem"),
+    ],
+    ids=["weights", "optimizer"],
+)
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_the_run_resumes(
+    one_process_run, corpus, tmp_path, limit, cause, remedy
+):
+    uninterrupted, uninterrupted_result = one_process_run
+    assert uninterrupted_result.returncode == 0, printed(uninterrupted_result)
+    output_dir = tmp_path / "log"
+    flags = [*ONE_PROCESS_RUN, "--data_dir", corpus, "--output_dir", output_dir]
+    result = run([sys.executable, "-c", LIMITED_AFTER_FIRST_CHECKPOINT, REPO_ROOT, limit, *flags], tmp_path)
+    assert result.returncode == 1, printed(result)
+    kept = output_dir / "model_00004"
+    assert result.stderr.splitlines() == [
+        f"error: cannot write {output_dir / 'model_00008.tmp'}: {cause}; the last complete checkpoint is {kept} "
+        f"(step 4): {remedy} and resume with --resume_from_checkpoint latest"
+    ]
+    assert sorted(p.name for p in output_dir.glob("model_*")) == ["model_00004"]  # the partial folder removed
+    saved = GPTMoEForCausalLM.from_pretrained(kept).state_dict()
+    for name, tensor in load_file(uninterrupted / "model_00004" / "model.safetensors").items():
+        assert torch.equal(saved[name], tensor), name
+
+    resumed = run([sys.executable, SCRIPT, *flags, "--resume_from_checkpoint", "latest"], tmp_path)
+    assert resumed.returncode == 0, printed(resumed)
+    assert (output_dir / "log.txt").read_text() == (uninterrupted / "log.txt").read_text()
+    resumed_weights = final_weights(output_dir)
+    for name, tensor in final_weights(uninterrupted).items():
+        assert torch.equal(resumed_weights[name], tensor), name
+
+
+def test_write_fault_finds_the_cause_behind_each_checkpoint_writer(tmp_path):
+    result = run([sys.executable, "-c", WRITERS_PAST_A_FILE_SIZE_LIMIT, REPO_ROOT], tmp_path)
+    assert result.returncode == 0, printed(result)
+    too_large = [27, "File too large"]  # EFBIG
+    assert json.loads(result.stdout.splitlines()[-1]) == {
+        "safetensors": too_large,
+        "torch.save": [None, "torch.save stopped part-way without saying why"],
+        "tokenizers": too_large,
+        "python": too_large,
+    }
+    assert checkpointing.write_fault(ValueError("a bug, not a fault of the disk")) is None
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_out_of_gpu_memory_is_one_line_on_every_process(corpus, tmp_path, processes):
+    script = tmp_path / "out_of_memory.py"
+    script.write_text(OUT_OF_MEMORY_AT_STEP_1.format(repo=str(REPO_ROOT)))
+    output_dir = tmp_path / "log"
+    flags = [*TINY_RUN, "--micro_batch_size", 8 // processes, "--data_dir", corpus, "--output_dir", output_dir]
+    launch = [sys.executable] if processes == 1 else LAUNCH_TWO[:-1]
+    result = run([*launch, script, *flags], tmp_path)
+    assert result.returncode == 1, printed(result)
+    line = (
+        f"error: out of GPU memory with --micro_batch_size {8 // processes} sequences of --seq_len 32 tokens per "
+        "forward pass; no checkpoint yet: lower --micro_batch_size (gradient accumulation takes more micro-steps "
+        "and keeps --total_batch_size 512) and run the command again"
+    )
+    if processes == 1:
+        assert result.stderr.splitlines() == [line]
+    else:  # each process's own line; the launcher then reports the failure in its own words
+        assert sorted(re.findall(r"^\[rank \d\] .*", result.stderr, re.MULTILINE)) == [
+            f"[rank {rank}] {line}" for rank in range(processes)
+        ]
+    assert "OutOfMemoryError" not in result.stderr  # no traceback of it
+    assert not list(output_dir.glob("model_*"))  # nothing saved of the step that failed
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="/dev/full fails every write with ENOSPC")
+def test_sample_py_writing_to_a_full_disk_is_one_line(tmp_path):
+    checkpoint = tmp_path / "checkpoint"
+    tiny_model(vocab_size=50304).save_pretrained(checkpoint)
+    get_tokenizer().save_pretrained(checkpoint)
+    command = [sys.executable, REPO_ROOT / "sample.py", checkpoint, "--num_samples", "2", "--max_new_tokens", "4"]
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [str(part) for part in command], cwd=tmp_path, env=ENV, stdout=full, stderr=subprocess.PIPE, text=True
+        )
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "error: cannot write the samples to stdout: No space left on device; free some space or write them "
+        "elsewhere and rerun (the same --seed gives the same samples)"
+    ]
 
 
 # -----------------------------------------------------------------------------
