@@ -16,8 +16,8 @@ class GPTMoEConfig(PretrainedConfig):
 
     MoE fields:
         use_moe: MoE feed-forward layers (False: every layer is the dense GPT-2 MLP).
-        num_experts: routed experts per MoE layer.
-        num_experts_per_tok: top-k experts each token is sent to.
+        num_experts: routed experts per MoE layer (0 in a model without MoE layers).
+        num_experts_per_tok: top-k experts each token is sent to (0 without MoE layers).
         moe_intermediate_size: hidden width of each expert (default 4 * n_embd, GPT-2's MLP).
         n_shared_experts: always-on experts (DeepSeekMoE), run as one dense MLP of
             n_shared_experts * moe_intermediate_size and added to the routed output.
@@ -85,6 +85,9 @@ class GPTMoEConfig(PretrainedConfig):
         self.n_inner = self.n_inner or 4 * self.n_embd
         self.moe_intermediate_size = self.moe_intermediate_size or 4 * self.n_embd
         self.mlp_only_layers = list(self.mlp_only_layers or [])
+        if not self.has_moe_layers():
+            # a dense model has no experts: serving engines (vLLM) take any num_experts > 0 for a MoE
+            self.num_experts = self.num_experts_per_tok = 0
         super().__post_init__(**kwargs)
         self.check()
         self.base_model_tp_plan = self.tensor_parallel_plan()
@@ -102,9 +105,9 @@ class GPTMoEConfig(PretrainedConfig):
                 f"activation_function={self.activation_function!r} is unknown: use a key of "
                 "transformers.activations.ACT2FN, e.g. 'gelu_pytorch_tanh' (GPT-2's tanh GELU) or 'gelu'."
             )
-        if self.num_experts < 1:
+        if self.has_moe_layers() and self.num_experts < 1:
             raise ValueError(f"num_experts must be at least 1, got {self.num_experts}.")
-        if not 1 <= self.num_experts_per_tok <= self.num_experts:
+        if self.has_moe_layers() and not 1 <= self.num_experts_per_tok <= self.num_experts:
             raise ValueError(
                 f"num_experts_per_tok (top-k, {self.num_experts_per_tok}) must be between 1 and "
                 f"num_experts ({self.num_experts}): lower num_experts_per_tok or raise num_experts."
@@ -152,13 +155,16 @@ class GPTMoEConfig(PretrainedConfig):
         before (5.17, `enable_expert_parallel=True`) the router's choices of other ranks' experts were masked on each
         rank and the experts' outputs all-reduced.
         """
-        if not any(self.is_moe_layer(i) for i in range(self.n_layer)):
+        if not self.has_moe_layers():
             return {}
         weights = ("up_proj", "up_proj_bias", "down_proj", "down_proj_bias")
         plan = {f"h.*.mlp.experts.{name}": "grouped_gemm" for name in weights}
         if "ep_size" in DistributedConfig.__dataclass_fields__:
             return {**plan, "h.*.mlp.experts": "ep_dispatch_experts"}
         return {**plan, "h.*.mlp.router": "ep_router", "h.*.mlp.experts": "moe_tp_experts"}
+
+    def has_moe_layers(self) -> bool:
+        return any(self.is_moe_layer(i) for i in range(self.n_layer))
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         return (

@@ -331,6 +331,19 @@ class GPTMoEPreTrainedModel(PreTrainedModel):
             init.normal_(module.down_proj, mean=0.0, std=residual_std)
             init.zeros_(module.down_proj_bias)
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # transformers names only the saved class and the config in config.json's auto_map; serving engines (vLLM's
+        # Transformers backend) build the base model with AutoModel, so every folder names all three
+        self.config.auto_map = {
+            auto_class: f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}"
+            for auto_class, cls in (
+                ("AutoConfig", type(self.config)),
+                ("AutoModel", GPTMoEModel),
+                ("AutoModelForCausalLM", GPTMoEForCausalLM),
+            )
+        }
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
 
 class GPTMoEModel(GPTMoEPreTrainedModel):
     def __init__(self, config: GPTMoEConfig):
