@@ -20,7 +20,7 @@ import os
 import re
 import shutil
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, wait
 from pathlib import Path
 
 import yaml
@@ -298,25 +298,28 @@ acc_norm in the completion style of build-nanogpt.
 
 
 class HubUploader:
-    """Uploads checkpoint folders to a Hub model repo in one background thread, in order.
+    """Uploads checkpoint folders to a Hub model repo in the background, in order, on HfApi's own queue
+    (`run_as_future`, the mechanism behind `upload_folder(..., run_as_future=True)`: one thread, jobs in order).
 
-    Training never waits for an upload nor stops when one fails (offline, no token, no access):
-    the failure is logged as a warning. `close()` waits for the uploads still queued.
+    Training never waits for an upload nor stops when one fails (offline, no token, no access): the failure is one
+    warning line. `close()` waits for the uploads still queued.
     """
 
     def __init__(self, repo_id: str, log=print):
         self.repo_id, self.log = repo_id, log
         self.api = HfApi()
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub-upload")
+        self.pushes: list[Future] = []
         self.repo_created = False
 
     def upload(self, folder: Path) -> None:
-        self.executor.submit(self._upload, folder)
+        # creating the repo and uploading are one job, not two futures: a Hub out of reach then fails once per
+        # checkpoint, in one line, and the line is written before close() stops waiting
+        self.pushes.append(self.api.run_as_future(self.push, folder))
 
     def close(self) -> None:
-        self.executor.shutdown(wait=True)
+        wait(self.pushes)
 
-    def _upload(self, folder: Path) -> None:
+    def push(self, folder: Path) -> None:
         try:
             if not self.repo_created:
                 self.api.create_repo(self.repo_id, repo_type="model", exist_ok=True)

@@ -20,6 +20,10 @@ REMEDIES = {
 }
 
 
+class UsageError(Exception):
+    """A mistake in the command or the input: reported as one line, without a traceback."""
+
+
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(1, f"{self.prog}: error: {message}; run with --help for the flags\n")

@@ -13,7 +13,7 @@ wins. Published numbers come in two styles, and they differ (OpenAI GPT-2 124M: 
   log-likelihood per character of the ending.
 
 The validation split (10,042 examples, original jsonl) is downloaded once into
-$GPT_MOE_HELLASWAG_DIR (default ~/.cache/gpt_moe/hellaswag), or read from --data_file.
+$GPT_MOE_HELLASWAG_DIR (default ~/.cache/gpt_moe/hellaswag), checked against its sha256, or read from --data_file.
 
     python hellaswag.py --model gpt2 --style harness
     torchrun --nproc_per_node 8 hellaswag.py --model out/checkpoint --trust_remote_code
@@ -21,6 +21,7 @@ $GPT_MOE_HELLASWAG_DIR (default ~/.cache/gpt_moe/hellaswag), or read from --data
 
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -45,6 +46,9 @@ else:  # a script or module of a clone, whose root is on sys.path
     from gpt2_tokenizer import get_tokenizer
 
 DATA_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+# sha256 of that file (12,246,618 bytes) as TensorFlow Datasets pins it for the same URL (tensorflow/datasets,
+# tensorflow_datasets/url_checksums/hellaswag.txt), and as other projects pin it for that file; not computed here
+VAL_SHA256 = "0aa3b88843990f3f10a97b9575c94d7b71fb2205240ba04ae4884d9e9c992588"
 DATA_DIR_ENV = "GPT_MOE_HELLASWAG_DIR"
 VAL_FILE_NAME = "hellaswag_val.jsonl"
 VAL_EXAMPLES = 10_042
@@ -131,6 +135,12 @@ def download_val_file(path: Path) -> None:
             f"cannot download {DATA_URL} ({reason}); put {VAL_FILE_NAME} at {path} "
             f"(or set {DATA_DIR_ENV} to its folder), or pass --data_file PATH"
         ) from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != VAL_SHA256:  # checked before anything is written: a wrong file never takes the cached name
+        raise HellaSwagError(
+            f"downloaded {DATA_URL} has sha256 {digest}, expected {VAL_SHA256}; nothing was written. "
+            f"Put a copy of the original {VAL_FILE_NAME} at {path}, or pass --data_file PATH"
+        )
     # one temporary name per process, so that ranks downloading side by side do not collide
     partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
     try:

@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import prepare_fineweb  # noqa: E402
+import text_sources  # noqa: E402
 from command_line import ArgumentParser  # noqa: E402
 from fineweb_shards import ShardLoader, write_shard  # noqa: E402
 from gpt2_tokenizer import get_encoding  # noqa: E402
@@ -49,7 +50,7 @@ def corpus(chars: int) -> list[str]:
     """python_docs documents, repeated until they hold `chars` characters (parsing the whole
     installation would take minutes; tiktoken keeps no cache, so repeated text costs the same)."""
     docs, size = [], 0
-    for doc in prepare_fineweb.python_docstrings():
+    for doc in text_sources.python_docstrings():
         docs.append(doc)
         size += len(doc)
         if size >= PARSED_CHARS:

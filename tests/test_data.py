@@ -1,5 +1,6 @@
-"""Tests of prepare_fineweb.py (text -> shards) and fineweb_shards.py (shards -> batches)."""
+"""Tests of text_sources.py and prepare_fineweb.py (text -> shards) and fineweb_shards.py (shards -> batches)."""
 
+import hashlib
 import io
 import itertools
 import json
@@ -20,8 +21,10 @@ import pytest
 import torch
 
 import prepare_fineweb
+import text_sources
+from command_line import UsageError
 from fineweb_shards import ShardError, ShardLoader, find_shards, open_shard, validation_loader, write_shard
-from gpt2_tokenizer import EOT_ID, get_encoding
+from gpt2_tokenizer import EOT_ID, VOCAB_SHA256, get_encoding
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = (
@@ -68,8 +71,8 @@ GROUP_BOUNDARIES = {0, 3, 53, 54, 174, 181, 200}  # first rows of the row groups
 
 @pytest.fixture
 def parquet_files(tmp_path, docs, monkeypatch) -> list[Path]:
-    monkeypatch.setattr(prepare_fineweb, "PARQUET_TASK_BYTES", 2000)  # several tasks per large row group
-    monkeypatch.setattr(prepare_fineweb, "READ_ROWS", 7)  # tasks start and end inside the decoded batches
+    monkeypatch.setattr(text_sources, "PARQUET_TASK_BYTES", 2000)  # several tasks per large row group
+    monkeypatch.setattr(text_sources, "READ_ROWS", 7)  # tasks start and end inside the decoded batches
     return write_parquet_files(tmp_path, docs, PARQUET_LAYOUT)
 
 
@@ -112,7 +115,7 @@ def test_round_trip_text_to_shards_to_batches(tmp_path, docs, jsonl):
     assert names[:3] == ["val_000000.bin", "train_000000.bin", "train_000001.bin"]
     assert [s["tokens"] for s in manifest["shards"][:-1]] == [1000] + [1500] * (len(names) - 2)
     assert manifest["total_tokens"] == len(expected) and manifest["documents"] == len(docs)
-    assert manifest["tokenizer"]["vocab_sha256"] == prepare_fineweb.VOCAB_SHA256
+    assert manifest["tokenizer"]["vocab_sha256"] == VOCAB_SHA256
     np.testing.assert_array_equal(read_split(tmp_path / "out", "val"), expected[:1000])
     np.testing.assert_array_equal(read_split(tmp_path / "out", "train"), expected[1000:])
 
@@ -152,16 +155,16 @@ def test_file_formats_give_the_same_tokens(tmp_path, docs, suffix):
     np.testing.assert_array_equal(stream, token_stream(docs))
 
 
-def rows_of(task: list[prepare_fineweb.RowRange]) -> list[tuple[str, int, int]]:
+def rows_of(task: list[text_sources.RowRange]) -> list[tuple[str, int, int]]:
     return [(r.path, r.group, row) for r in task for row in range(r.start, r.stop)]
 
 
-def groups_of(task: list[prepare_fineweb.RowRange]) -> set[tuple[str, int]]:
+def groups_of(task: list[text_sources.RowRange]) -> set[tuple[str, int]]:
     return {(r.path, r.group) for r in task}
 
 
 def test_parquet_tasks_cover_every_row_once_packing_and_splitting_row_groups(parquet_files):
-    tasks = list(prepare_fineweb.parquet_tasks([str(f) for f in parquet_files], "text", skip=0))
+    tasks = list(text_sources.parquet_tasks([str(f) for f in parquet_files], "text", skip=0))
     layout = zip(parquet_files, PARQUET_LAYOUT, strict=True)
     expected = [(str(f), group, row) for f, sizes in layout for group, n in enumerate(sizes) for row in range(n)]
     assert [row for task in tasks for row in rows_of(task)] == expected
@@ -169,7 +172,7 @@ def test_parquet_tasks_cover_every_row_once_packing_and_splitting_row_groups(par
     assert max(map(len, groups_per_task)) > 1  # small row groups share a task
     assert max(Counter(g for task in groups_per_task for g in task).values()) > 2  # a large one is split
 
-    resumed = list(prepare_fineweb.parquet_tasks([str(f) for f in parquet_files], "text", skip=60))
+    resumed = list(text_sources.parquet_tasks([str(f) for f in parquet_files], "text", skip=60))
     first = resumed[0][0]  # 3 + 50 + 1 rows before, 0 in row group 0
     assert (first.path, first.group, first.start) == (str(parquet_files[2]), 1, 6)
 
@@ -178,7 +181,7 @@ def test_parquet_row_groups_that_fit_in_a_task_are_not_split(tmp_path):
     rng = random.Random(0)
     docs = [rng.randbytes(1500).hex() for _ in range(1000)]  # 3 KB each, all different
     (path,) = write_parquet_files(tmp_path, docs, [[100] * 10])  # ~0.3 MB of text per row group, ~3 per task
-    tasks = list(prepare_fineweb.parquet_tasks([str(path)], "text", skip=0))
+    tasks = list(text_sources.parquet_tasks([str(path)], "text", skip=0))
     expected = [(str(path), group, row) for group in range(10) for row in range(100)]
     assert [row for task in tasks for row in rows_of(task)] == expected
     groups_per_task = list(map(groups_of, tasks))
@@ -191,9 +194,9 @@ def test_parquet_tasks_cap_rows_when_the_footer_underestimates_duplicated_text(t
     pq.write_table(pa.table({"text": ["a long document " * 625] * 2000}), path)  # 2,000 copies of 10 KB
     # dictionary encoding stores the text once, and the footer's size says so: ~10 KB for 20 MB of text
     assert pq.read_metadata(path).row_group(0).column(0).total_uncompressed_size < 20_000
-    tasks = list(prepare_fineweb.parquet_tasks([str(path)], "text", skip=0))
+    tasks = list(text_sources.parquet_tasks([str(path)], "text", skip=0))
     rows_per_task = [sum(r.stop - r.start for r in task) for task in tasks]
-    assert sum(rows_per_task) == 2000 and max(rows_per_task) <= prepare_fineweb.PARQUET_TASK_ROWS
+    assert sum(rows_per_task) == 2000 and max(rows_per_task) <= text_sources.PARQUET_TASK_ROWS
 
 
 def test_parquet_text_column_after_a_struct_column(tmp_path, docs):
@@ -201,7 +204,7 @@ def test_parquet_text_column_after_a_struct_column(tmp_path, docs):
     meta = [{"url": f"https://example.com/{'x' * 500}/{i}", "score": i / 7} for i in range(len(docs))]
     path = tmp_path / "with_struct.parquet"
     pq.write_table(pa.table({"meta": meta, "text": docs}), path)
-    ((_, _, rows, size),) = prepare_fineweb.parquet_row_groups([str(path)], "text")
+    ((_, _, rows, size),) = text_sources.parquet_row_groups([str(path)], "text")
     text = pq.read_metadata(path).row_group(0).column(2)
     assert text.path_in_schema == "text" and (rows, size) == (len(docs), text.total_uncompressed_size)
     prepare([path], tmp_path / "out")
@@ -249,7 +252,7 @@ def test_parquet_resume_in_the_middle_of_a_row_group(tmp_path, parquet_files, mo
 
 def test_parquet_file_rewritten_in_place_between_two_runs_gives_the_new_text(tmp_path, docs, monkeypatch):
     # as if prepare() no longer emptied its reader cache at the end: the cache must still notice the new file
-    monkeypatch.setattr(prepare_fineweb.row_group_reader, "cache_clear", lambda: None)
+    monkeypatch.setattr(text_sources.row_group_reader, "cache_clear", lambda: None)
     (path,) = write_parquet_files(tmp_path, docs, [[len(docs)]])  # fewer rows than READ_ROWS: one batch holds all
     prepare([path], tmp_path / "old")
     new = [doc.upper() + "!" for doc in docs]
@@ -258,7 +261,7 @@ def test_parquet_file_rewritten_in_place_between_two_runs_gives_the_new_text(tmp
     stream = read_stream(tmp_path / "new")
     np.testing.assert_array_equal(stream, token_stream(new))
     monkeypatch.undo()
-    prepare_fineweb.row_group_reader.cache_clear()  # closes the file
+    text_sources.row_group_reader.cache_clear()  # closes the file
 
 
 def test_tokenize_repairs_lone_surrogates_as_encode_ordinary_does():
@@ -269,18 +272,18 @@ def test_tokenize_repairs_lone_surrogates_as_encode_ordinary_does():
 
 
 def test_row_group_reader_reads_any_rows_and_notices_a_shortened_file(tmp_path, docs, monkeypatch):
-    monkeypatch.setattr(prepare_fineweb, "READ_ROWS", 7)
+    monkeypatch.setattr(text_sources, "READ_ROWS", 7)
     (path,) = write_parquet_files(tmp_path, docs[:30], [[30]])
-    reader = prepare_fineweb.RowGroupReader(str(path), "text", 0)
+    reader = text_sources.RowGroupReader(str(path), "text", 0)
     assert reader.read(10, 20) == docs[10:20] and reader.read(20, 23) == docs[20:23]
     assert reader.read(5, 12) == docs[5:12]  # backwards: decodes from the start again
-    with pytest.raises(prepare_fineweb.UsageError, match="shorter than its footer"):
+    with pytest.raises(UsageError, match="shorter than its footer"):
         reader.read(25, 31)
 
 
 def test_num_proc_gives_byte_identical_shards(tmp_path, monkeypatch):
     # small tasks, so each worker gets several and their results interleave
-    monkeypatch.setattr(prepare_fineweb, "TASK_CHARS", 2000)
+    monkeypatch.setattr(text_sources, "TASK_CHARS", 2000)
     corpus = write_jsonl(tmp_path / "corpus.jsonl", make_documents(600, seed=1))
     prepare([corpus], tmp_path / "one", "--num_proc", "1")
     prepare([corpus], tmp_path / "two", "--num_proc", "2")
@@ -288,8 +291,74 @@ def test_num_proc_gives_byte_identical_shards(tmp_path, monkeypatch):
     assert len(one) > 5 and one == two
 
 
+# Two fixed corpora, and what prepare_fineweb.py made of them before text_sources.py was split out of it (commit
+# 3d750dc): a sha256 of the manifest's shard records, then of every shard. Nothing in them depends on the machine: the
+# text is written here and the vocabulary is the repository's own (python_docs shuffles its files with numpy's
+# default_rng, whose stream numpy keeps stable in practice though it does not promise to).
+PINNED_SHARDS = {
+    "parquet": "faaab5ff4d8c45a09d157c259dbb82c758a46e91b2ad2fedefa7c9edb13a9cbf",
+    "python_docs": "f119603c27b3c68e1b106a5f9c222fc6b0c5b85fff502eaccefdf0c4b8f0d779",
+}
+PYTHON_FILES = {  # a Python installation of nine files, six of them with docstrings
+    "pkg/__init__.py": '"""A package of examples.\n\nIt holds modules with docstrings."""\n',
+    "pkg/shapes.py": (
+        '"""Shapes and their areas."""\n\nclass Square:\n    """A square with equal sides."""\n\n'
+        '    def area(self):\n        """The side, squared."""\n        return self.side ** 2\n'
+    ),
+    "pkg/none.py": "x = 1\n",
+    "pkg/broken.py": "def (:\n",
+    "pkg/tests/test_shapes.py": '"""Tests are skipped."""\n',
+    "notes.py": (
+        '"""Notes on caf\u00e9s in \u6771\u4eac.\n\n    Indented second paragraph."""\n\n'
+        'if True:\n    def inner():\n        """Found inside an if block."""\n'
+    ),
+    "a.py": '"""' + "Docstring number one of file a, long enough. " * 30 + '"""\n',
+    "b.py": "async def fetch():\n    '''Fetch something, asynchronously.'''\n",
+    "c.py": '"""' + "\n".join(f"Line {i} of c." for i in range(60)) + '"""\n',
+}
+
+
+def fixed_documents(count: int) -> list[str]:
+    """Documents made by arithmetic alone: no random generator whose stream could change between Python versions."""
+    return [
+        f"Document {i}: " + " ".join(WORDS[i * j % len(WORDS)] for j in range(1, 5 + i % 40)) for i in range(count)
+    ]
+
+
+def shards_digest(output_dir: Path) -> str:
+    shards = json.loads((output_dir / "manifest.json").read_text())["shards"]
+    digest = hashlib.sha256(json.dumps(shards).encode())
+    for shard in shards:
+        digest.update((output_dir / shard["name"]).read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.mark.parametrize("num_proc", ["1", "2"])
+def test_parquet_shards_are_the_pinned_bytes(tmp_path, monkeypatch, num_proc):
+    monkeypatch.setattr(text_sources, "PARQUET_TASK_BYTES", 2000)  # tasks split row groups, as in parquet_files
+    monkeypatch.setattr(text_sources, "READ_ROWS", 7)
+    files = write_parquet_files(tmp_path, fixed_documents(200), PARQUET_LAYOUT)
+    manifest = prepare(files, tmp_path / "out", "--num_proc", num_proc)
+    assert [s["tokens"] for s in manifest["shards"]] == [1500, 1500, 1500, 1500, 1004]
+    assert shards_digest(tmp_path / "out") == PINNED_SHARDS["parquet"]
+
+
+@pytest.mark.parametrize("num_proc", ["1", "2"])
+def test_python_docs_shards_are_the_pinned_bytes(tmp_path, monkeypatch, num_proc):
+    for name, text in PYTHON_FILES.items():
+        (tmp_path / "python" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "python" / name).write_text(text, encoding="utf-8")
+    monkeypatch.setattr(text_sources, "python_roots", lambda: [str(tmp_path / "python")])
+    argv = ["--source", "python_docs", "--output_dir", str(tmp_path / "out"), "--num_proc", num_proc]
+    manifest = prepare_fineweb.prepare(
+        prepare_fineweb.parse_args(argv + ["--shard_size", "200", "--val_tokens", "100"])
+    )
+    assert manifest["documents"] == 6 and manifest["source"]["roots"] == [str(tmp_path / "python")]
+    assert shards_digest(tmp_path / "out") == PINNED_SHARDS["python_docs"]
+
+
 def test_resume_after_crash_keeps_complete_shards(tmp_path, jsonl, monkeypatch):
-    monkeypatch.setattr(prepare_fineweb, "READ_ROWS", 16)  # resuming then skips whole Arrow batches, then rows
+    monkeypatch.setattr(text_sources, "READ_ROWS", 16)  # resuming then skips whole Arrow batches, then rows
     reference = prepare([jsonl], tmp_path / "reference")
     assert reference["shards"][0]["end_offset"] > 0  # shards end mid-document, so resuming must too
 
@@ -352,7 +421,7 @@ def test_refuses_to_mix_sources_unless_overwrite(tmp_path, docs, jsonl):
     out = tmp_path / "out"
     prepare([jsonl], out)
     other = write_jsonl(tmp_path / "other.jsonl", docs[:50])
-    with pytest.raises(prepare_fineweb.UsageError, match="--overwrite"):
+    with pytest.raises(UsageError, match="--overwrite"):
         prepare([other], out)
     (out / "train_000099.bin.tmp").write_bytes(b"left by an interrupted run")
     manifest = prepare([other], out, "--overwrite")
@@ -361,15 +430,15 @@ def test_refuses_to_mix_sources_unless_overwrite(tmp_path, docs, jsonl):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     write_shard(foreign / "fineweb_train_000001.bin", np.zeros(10, dtype=np.uint16))
-    with pytest.raises(prepare_fineweb.UsageError, match="not written by this script"):
+    with pytest.raises(UsageError, match="not written by this script"):
         prepare([jsonl], foreign)
 
 
 def test_python_docs_source_is_offline_english_and_stops_at_max_tokens(tmp_path):
     # English prose, in the same order every time (one short document may lack " the ": which file comes first
     # depends on the installed packages)
-    opening = list(itertools.islice(prepare_fineweb.python_docstrings(), 10))
-    assert opening == list(itertools.islice(prepare_fineweb.python_docstrings(), 10))
+    opening = list(itertools.islice(text_sources.python_docstrings(), 10))
+    assert opening == list(itertools.islice(text_sources.python_docstrings(), 10))
     assert sum(" the " in document for document in opening) >= 5
     first = opening[0]
     argv = ["--source", "python_docs", "--output_dir", str(tmp_path), "--num_proc", "2"]
@@ -487,12 +556,12 @@ def test_main_names_the_parquet_file_with_a_mistake_in_one_line(tmp_path, docs, 
 def test_a_later_parquet_files_mistake_in_its_footer_fails_before_any_shard_is_written(
     tmp_path, docs, case, monkeypatch
 ):
-    monkeypatch.setattr(prepare_fineweb, "PARQUET_TASK_BYTES", 2000)  # the good file alone fills several shards
+    monkeypatch.setattr(text_sources, "PARQUET_TASK_BYTES", 2000)  # the good file alone fills several shards
     good = write_parquet_files(tmp_path, docs, [[50] * 4])
     bad = tmp_path / "part_1.parquet"
     make, message = PARQUET_MISTAKES[case]
     make(bad)
-    with pytest.raises(prepare_fineweb.UsageError, match=re.escape(message)):
+    with pytest.raises(UsageError, match=re.escape(message)):
         prepare([*good, bad], tmp_path / "out", "--val_tokens", "100", "--shard_size", "100")
     assert not (tmp_path / "out").exists()
 

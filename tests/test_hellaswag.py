@@ -2,6 +2,7 @@
 
 import copy
 import dataclasses
+import hashlib
 import json
 import os
 import resource
@@ -312,11 +313,17 @@ def test_missing_data_file(tmp_path):
         hellaswag.load_examples(tmp_path / "nope.jsonl")
 
 
+def serve(source: Path, monkeypatch) -> None:
+    """Downloads read `source`, pinned as the genuine file."""
+    monkeypatch.setattr(hellaswag, "DATA_URL", source.as_uri())
+    monkeypatch.setattr(hellaswag, "VAL_SHA256", hashlib.sha256(source.read_bytes()).hexdigest())
+
+
 def test_download_is_cached_once(tmp_path, monkeypatch):
     full_split = [dict(EXAMPLES[i % 5], ind=i) for i in range(hellaswag.VAL_EXAMPLES)]
     source = write_jsonl(tmp_path / "remote.jsonl", full_split)
     monkeypatch.setenv(hellaswag.DATA_DIR_ENV, str(tmp_path / "cache"))
-    monkeypatch.setattr(hellaswag, "DATA_URL", source.as_uri())
+    serve(source, monkeypatch)
     assert hellaswag.load_examples() == full_split
     assert sorted(os.listdir(tmp_path / "cache")) == [hellaswag.VAL_FILE_NAME]
 
@@ -341,10 +348,22 @@ def test_offline_without_local_copy_says_where_to_put_it(tmp_path, monkeypatch):
     assert not (tmp_path / "cache").exists()  # nothing written: neither a partial file nor its folder
 
 
+def test_a_download_that_is_not_the_pinned_file_is_refused_and_leaves_nothing(tmp_path, data_file, monkeypatch):
+    monkeypatch.setenv(hellaswag.DATA_DIR_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(hellaswag, "DATA_URL", data_file.as_uri())  # a 5-example file, not the pinned original
+    with pytest.raises(hellaswag.HellaSwagError) as error:
+        hellaswag.load_examples()
+    got = hashlib.sha256(data_file.read_bytes()).hexdigest()
+    assert str(error.value).startswith(
+        f"downloaded {data_file.as_uri()} has sha256 {got}, expected {hellaswag.VAL_SHA256}; nothing was written."
+    )
+    assert "\n" not in str(error.value) and not (tmp_path / "cache").exists()
+
+
 def test_a_download_that_cannot_be_written_is_one_line(tmp_path, data_file, monkeypatch):
     (tmp_path / "file").write_text("a file where the cache folder would go")
     monkeypatch.setenv(hellaswag.DATA_DIR_ENV, str(tmp_path / "file" / "cache"))
-    monkeypatch.setattr(hellaswag, "DATA_URL", data_file.as_uri())
+    serve(data_file, monkeypatch)
     with pytest.raises(hellaswag.HellaSwagError) as error:
         hellaswag.load_examples()
     assert str(error.value) == (
