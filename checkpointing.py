@@ -32,19 +32,16 @@ from torch.distributed.fsdp import FSDPModule
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 if __package__:  # installed: these modules are the package gpt_moe
-    from .command_line import write_failed
+    from .command_line import write_failed, write_fault
     from .training_metrics import active_parameters
 else:  # a script or module of a clone, whose root is on sys.path
-    from command_line import write_failed
+    from command_line import write_failed, write_fault
     from training_metrics import active_parameters
 
 TRAINING_STATE = "training_state"
 TRAINER_STATE_FILE = "trainer_state.json"
 CHECKPOINT_NAME = re.compile(r"model_(\d+)")
 METRIC_NAMES = {"train": "train loss", "val": "validation loss", "hella": "HellaSwag acc_norm"}
-# what torch.save's zip writer names in the RuntimeError it raises when a write fails (it keeps no error number):
-# its class in TORCH_CHECK's messages, its source file in CAFFE_ENFORCE's
-TORCH_WRITER_MARKS = ("PytorchStreamWriter", "inline_container.cc")
 
 # accelerate warns on every save that the tied lm_head is stored once; that is intended
 logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
@@ -93,20 +90,6 @@ def what_was_kept(output_dir: str | Path) -> tuple[str, str]:
     step = int(CHECKPOINT_NAME.fullmatch(checkpoints[-1].name).group(1))
     kept = f"the last complete checkpoint is {checkpoints[-1]} (step {step})"
     return kept, "resume with --resume_from_checkpoint latest"
-
-
-def write_fault(error: Exception) -> OSError | None:
-    """The OSError behind a failed write, or None when `error` is something else. Not only OSError itself:
-    safetensors (SafetensorError) and tokenizers raise errors ending in Rust's "(os error 28)", and torch.save a
-    RuntimeError of its zip writer that carries no cause at all."""
-    if isinstance(error, OSError):
-        return error
-    code = re.search(r"\(os error (\d+)\)", str(error))
-    if code:
-        return OSError(int(code.group(1)), os.strerror(int(code.group(1))))
-    if isinstance(error, RuntimeError) and any(mark in str(error) for mark in TORCH_WRITER_MARKS):
-        return OSError(None, "torch.save stopped part-way without saying why")
-    return None
 
 
 def write_together(accelerator: Accelerator, write: Callable[[], None], target: Path, output_dir: str | Path) -> None:

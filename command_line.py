@@ -8,6 +8,7 @@ folder) is one line too, naming the file, the cause, what was kept and what to d
 import argparse
 import errno
 import os
+import re
 
 # what clears each cause; other causes (an I/O error, a folder deleted meanwhile) get the generic advice
 REMEDIES = {
@@ -24,6 +25,11 @@ class UsageError(Exception):
     """A mistake in the command or the input: reported as one line, without a traceback."""
 
 
+# what torch.save's zip writer names in the RuntimeError it raises when a write fails (it keeps no error number):
+# its class in TORCH_CHECK's messages, its source file in CAFFE_ENFORCE's
+TORCH_WRITER_MARKS = ("PytorchStreamWriter", "inline_container.cc")
+
+
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(1, f"{self.prog}: error: {message}; run with --help for the flags\n")
@@ -36,3 +42,17 @@ def write_failed(path: str | os.PathLike, error: OSError, kept: str, then: str) 
     remedy = REMEDIES.get(error.errno, "check the path and its filesystem")
     where, cause = error.filename2 or error.filename or path, error.strerror or str(error)
     return f"cannot write {where}: {cause}; {kept}: {remedy} and {then}"
+
+
+def write_fault(error: Exception) -> OSError | None:
+    """The OSError behind a failed write, or None when `error` is something else. Not only OSError itself:
+    safetensors (SafetensorError) and tokenizers raise errors ending in Rust's "(os error 28)", and torch.save a
+    RuntimeError of its zip writer that carries no cause at all."""
+    if isinstance(error, OSError):
+        return error
+    code = re.search(r"\(os error (\d+)\)", str(error))
+    if code:
+        return OSError(int(code.group(1)), os.strerror(int(code.group(1))))
+    if isinstance(error, RuntimeError) and any(mark in str(error) for mark in TORCH_WRITER_MARKS):
+        return OSError(None, "torch.save stopped part-way without saying why")
+    return None

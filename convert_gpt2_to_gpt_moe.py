@@ -22,17 +22,16 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors import SafetensorError
 from transformers import GPT2LMHeadModel
 
 if __package__:  # installed: these modules are the package gpt_moe
-    from .command_line import ArgumentParser
+    from .command_line import ArgumentParser, write_failed, write_fault
     from .configuration_gpt_moe import GPTMoEConfig
     from .gpt2_checkpoint_formats import DenseCheckpoint, read_checkpoint
     from .gpt2_tokenizer import VOCAB_SIZE, get_tokenizer
     from .modeling_gpt_moe import GPTMoEForCausalLM
 else:  # a script or module of a clone, whose root is on sys.path
-    from command_line import ArgumentParser
+    from command_line import ArgumentParser, write_failed, write_fault
     from configuration_gpt_moe import GPTMoEConfig
     from gpt2_checkpoint_formats import DenseCheckpoint, read_checkpoint
     from gpt2_tokenizer import VOCAB_SIZE, get_tokenizer
@@ -243,15 +242,12 @@ def main(argv: list[str] | None = None) -> None:
         )
     try:
         save_checkpoint(model, args.output_dir, model_card(args.output_dir.name, dense, model))
-    except (OSError, SafetensorError) as error:
-        # safetensors reports the OS error inside its own message
-        cause = getattr(error, "strerror", None) or str(error).strip().splitlines()[-1]
-        if getattr(error, "filename", None):
-            cause += f" ({error.filename})"
-        sys.exit(
-            f"error: could not write {args.output_dir}: {cause}; nothing was written there (the temporary folder "
-            "is removed): free some space or pass a writable --output_dir"
-        )
+    except Exception as error:
+        fault = write_fault(error)  # safetensors and tokenizers report the OS error inside their own messages
+        if fault is None:
+            raise
+        kept = f"nothing was written at {args.output_dir} (the temporary folder is removed)"
+        sys.exit(f"error: {write_failed(args.output_dir, fault, kept, 'run the command again')}")
     kind = f"{args.num_experts} experts, top-{args.num_experts_per_tok}" if args.num_experts else "dense"
     print(f"wrote {args.output_dir} ({kind}, {model.num_parameters():,} parameters)")
 

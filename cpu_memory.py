@@ -4,7 +4,7 @@ By default glibc returns large freed blocks to the kernel: every block over its 
 32 MiB) is unmapped when freed, and free memory at the top of the heap is trimmed. A training step frees
 and reallocates the same large tensors every step (logits, their gradient, activations, an MoE layer's
 per-expert gradients), so each step then faults in and zeroes fresh pages. On the 2-core VM this made the
-demo's training step 1.6x slower and the MoE layer's time swing by 20% between processes (BENCHMARKS.md).
+demo's training step 1.6x slower (README, "Training").
 """
 
 import ctypes

@@ -341,7 +341,7 @@ def test_write_errors_are_one_line_and_leave_nothing(tmp_path, capsys, monkeypat
     message = one_line_error(
         ["--from", str(tmp_path / "model.bin"), "--output_dir", str(tmp_path / "a_file/out")], capsys
     )
-    assert "could not write" in message and "a_file/out" in message and "nothing was written" in message
+    assert message.startswith("error: cannot write") and "a_file" in message and "nothing was written" in message
 
     out = tmp_path / "out"
     out.mkdir()
@@ -353,6 +353,6 @@ def test_write_errors_are_one_line_and_leave_nothing(tmp_path, capsys, monkeypat
 
     monkeypatch.setattr(convert_gpt2_to_gpt_moe.GPTMoEForCausalLM, "save_pretrained", disk_full)
     message = one_line_error(["--from", str(tmp_path / "model.bin"), "--output_dir", str(out)], capsys)
-    assert "No space left on device" in message and str(out) in message and "--output_dir" in message
+    assert "No space left on device" in message and str(out) in message and "free some space" in message
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "model.bin", "out"]  # no temporary folder left
     assert [p.name for p in out.iterdir()] == ["earlier.txt"]

@@ -26,6 +26,7 @@ from huggingface_hub import HfApi
 from safetensors.torch import load_file
 
 import checkpointing
+import command_line
 import hellaswag
 import train_accelerate
 from fineweb_shards import write_shard
@@ -436,7 +437,7 @@ from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 import torch
 from safetensors.torch import save_file
-from checkpointing import write_fault
+from command_line import write_fault
 from gpt2_tokenizer import get_tokenizer
 
 tokenizer, tensors = get_tokenizer(), {"weight": torch.zeros(1000)}
@@ -529,7 +530,7 @@ def test_write_fault_finds_the_cause_behind_each_checkpoint_writer(tmp_path):
         "tokenizers": too_large,
         "python": too_large,
     }
-    assert checkpointing.write_fault(ValueError("a bug, not a fault of the disk")) is None
+    assert command_line.write_fault(ValueError("a bug, not a fault of the disk")) is None
 
 
 def test_a_failed_hub_push_is_one_warning_and_training_never_waits(tmp_path, monkeypatch):
