@@ -84,7 +84,10 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
 
 def what_was_kept(output_dir: str | Path) -> tuple[str, str]:
     """What a run that stops on a fault leaves: the last complete checkpoint, and how to go on from it."""
-    checkpoints = list_checkpoints(output_dir)
+    try:
+        checkpoints = list_checkpoints(output_dir)
+    except OSError as error:  # on the way to a one-line report on every process: this must not raise
+        return f"the checkpoints in {output_dir} could not be listed ({error.strerror})", "check the folder"
     if not checkpoints:
         return "no checkpoint yet", "run the command again"
     step = int(CHECKPOINT_NAME.fullmatch(checkpoints[-1].name).group(1))
@@ -165,11 +168,17 @@ class Checkpointer:
         # the full state dict: under FSDP this gathers the shards, so every process takes part
         state_dict = accelerator.get_state_dict(self.model)
         try:
-            # returns when every process has written its part: save_state returns on each process when its own
-            # files are written, and under FSDP the main process would otherwise rename the folder before the
-            # others write their random states into it
+            # two rounds, each returning when every process has written its part: every process enters save_state
+            # (collective under FSDP) only if the model folder was written, and the main process renames the folder
+            # only once the others have written their random states (and shards) into it
             write_together(
-                accelerator, lambda: self.write(partial, step, metrics, state_dict), partial, self.output_dir
+                accelerator,
+                lambda: self.write_model_folder(partial, step, metrics, state_dict),
+                partial,
+                self.output_dir,
+            )
+            write_together(
+                accelerator, lambda: self.write_training_state(partial, step, metrics), partial, self.output_dir
             )
         except WriteError:
             if accelerator.is_main_process:
@@ -186,9 +195,8 @@ class Checkpointer:
         accelerator.wait_for_everyone()
         return path
 
-    def write(self, folder: Path, step: int, metrics: dict, state_dict: dict) -> None:
-        """This process's part of a checkpoint: the main process writes the model folder and the trainer state,
-        every process its training state (its random states; its shards under FSDP)."""
+    def write_model_folder(self, folder: Path, step: int, metrics: dict, state_dict: dict) -> None:
+        """The Hub model folder: weights, code, tokenizer and model card, written by the main process."""
         accelerator = self.accelerator
         if accelerator.is_main_process:
             save_model(accelerator.unwrap_model(self.model), folder, state_dict)
@@ -196,6 +204,11 @@ class Checkpointer:
             tokens = step * self.config["total_batch_size"]
             card = model_card(self.repo_name, step, tokens, metrics, self.config, self.param_counts)
             (folder / "README.md").write_text(card)
+
+    def write_training_state(self, folder: Path, step: int, metrics: dict) -> None:
+        """What resuming needs: every process its training state (its random states; its shards under FSDP), the
+        main process the trainer state."""
+        accelerator = self.accelerator
         accelerator.save_state(folder / TRAINING_STATE)
         if accelerator.is_main_process:
             trainer_state = {

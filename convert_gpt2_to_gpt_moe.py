@@ -15,6 +15,7 @@ model's function at the start of training; the routers start random and learn to
 """
 
 import argparse
+import json
 import shutil
 import sys
 import tempfile
@@ -45,8 +46,11 @@ def dense_from_gpt2(gpt2: GPT2LMHeadModel) -> DenseCheckpoint:
     src = gpt2.config
     if src.scale_attn_by_inverse_layer_idx or src.reorder_and_upcast_attn or not src.scale_attn_weights:
         raise ValueError("only standard GPT-2 attention (scale_attn_weights=True, no per-layer scaling) converts.")
+    gpt2_state = gpt2.state_dict()
+    if not torch.equal(gpt2_state["lm_head.weight"], gpt2_state["transformer.wte.weight"]):
+        raise ValueError("only GPT-2 with tied embeddings converts: its lm_head.weight differs from wte.weight.")
     state = {}
-    for name, tensor in gpt2.state_dict().items():
+    for name, tensor in gpt2_state.items():
         # the causal-mask buffers of old checkpoints, and lm_head (tied to wte)
         if name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
             continue
@@ -182,9 +186,30 @@ tokenizer = AutoTokenizer.from_pretrained("{name}", trust_remote_code=True)
     return card
 
 
+def check_replaceable(output_dir: Path) -> None:
+    """An existing output_dir is replaced only when it is a GPTMoE model folder (an earlier conversion): any other
+    folder, or one holding the current directory (`--output_dir .`), is the user's and is never deleted."""
+    output_dir = output_dir.resolve()
+    if Path.cwd().is_relative_to(output_dir):
+        raise ValueError(f"--output_dir {output_dir} holds the current directory: name a new folder.")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not is_gpt_moe_folder(output_dir):
+        raise ValueError(
+            f"--output_dir {output_dir} exists and is not a GPTMoE model folder: name a new folder (nothing was "
+            "changed)."
+        )
+
+
+def is_gpt_moe_folder(folder: Path) -> bool:
+    try:
+        return json.loads((folder / "config.json").read_text()).get("model_type") == GPTMoEConfig.model_type
+    except (OSError, ValueError):
+        return False
+
+
 def save_checkpoint(model: GPTMoEForCausalLM, output_dir: Path, card: str | None = None) -> None:
     """Write model + tokenizer (+ model card) to a temporary folder, then rename it into place: a failure leaves
     nothing at output_dir."""
+    output_dir = output_dir.resolve()
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     try:
@@ -232,6 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         dense = read_checkpoint(args.checkpoint) if args.checkpoint else load_gpt2(args.gpt2)
         model = convert(dense, args.num_experts, args.num_experts_per_tok, args.vocab_size)
+        check_replaceable(args.output_dir)
     except ValueError as error:
         sys.exit(f"error: {error}")
     if model.config.vocab_size < VOCAB_SIZE:  # e.g. nanoGPT's shakespeare_char

@@ -343,8 +343,9 @@ def test_write_errors_are_one_line_and_leave_nothing(tmp_path, capsys, monkeypat
     )
     assert message.startswith("error: cannot write") and "a_file" in message and "nothing was written" in message
 
-    out = tmp_path / "out"
+    out = tmp_path / "out"  # an earlier conversion: replaced only once the new folder is complete
     out.mkdir()
+    (out / "config.json").write_text('{"model_type": "gpt_moe"}')
     (out / "earlier.txt").write_text("kept")
 
     def disk_full(self, folder, *args, **kwargs):
@@ -355,4 +356,27 @@ def test_write_errors_are_one_line_and_leave_nothing(tmp_path, capsys, monkeypat
     message = one_line_error(["--from", str(tmp_path / "model.bin"), "--output_dir", str(out)], capsys)
     assert "No space left on device" in message and str(out) in message and "free some space" in message
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "model.bin", "out"]  # no temporary folder left
-    assert [p.name for p in out.iterdir()] == ["earlier.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "earlier.txt"]
+
+
+@pytest.mark.parametrize("target", ["a folder of the user's", "the current directory"])
+def test_an_output_dir_that_is_not_a_model_folder_is_never_deleted(tmp_path, capsys, monkeypatch, target):
+    write_llmc(tmp_path / "model.bin", random_weights(), version=3)
+    folder = tmp_path / "work"
+    (folder / "src").mkdir(parents=True)
+    (folder / "src" / "train.py").write_text("kept")
+    if target == "the current directory":
+        monkeypatch.chdir(folder / "src")  # --output_dir names a folder that holds it
+    message = one_line_error(["--from", str(tmp_path / "model.bin"), "--output_dir", str(folder)], capsys)
+    assert "name a new folder" in message
+    assert (folder / "src" / "train.py").read_text() == "kept"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.bin", "work"]  # no temporary folder either
+
+
+def test_an_untied_gpt2_is_refused(tmp_path, capsys, tiny_gpt2):
+    tiny_gpt2.config.tie_word_embeddings = False
+    tiny_gpt2.lm_head.weight = torch.nn.Parameter(tiny_gpt2.lm_head.weight.detach().clone() + 0.1)
+    tiny_gpt2.resize_token_embeddings(50257)
+    tiny_gpt2.save_pretrained(tmp_path / "gpt2")
+    message = one_line_error(["--gpt2", str(tmp_path / "gpt2"), "--output_dir", str(tmp_path / "out")], capsys)
+    assert "tied embeddings" in message and not (tmp_path / "out").exists()
