@@ -6,9 +6,11 @@ folder) is one line too, naming the file, the cause, what was kept and what to d
 """
 
 import argparse
+import contextlib
 import errno
 import os
 import re
+from pathlib import Path
 
 # what clears each cause; other causes (an I/O error, a folder deleted meanwhile) get the generic advice
 REMEDIES = {
@@ -56,3 +58,18 @@ def write_fault(error: Exception) -> OSError | None:
     if isinstance(error, RuntimeError) and any(mark in str(error) for mark in TORCH_WRITER_MARKS):
         return OSError(None, "torch.save stopped part-way without saying why")
     return None
+
+
+def replace_file(path: Path, data: str | bytes) -> None:
+    """Write `data` to a temporary file (one per process, so processes writing side by side never collide) and
+    rename it over `path`: a write that fails leaves an earlier file whole and no temporary file behind."""
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        if isinstance(data, bytes):
+            temporary.write_bytes(data)
+        else:
+            temporary.write_text(data)
+        os.replace(temporary, path)
+    finally:
+        with contextlib.suppress(OSError):  # in a read-only folder there is nothing to remove, and removing fails
+            temporary.unlink(missing_ok=True)

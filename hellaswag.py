@@ -20,7 +20,6 @@ $GPT_MOE_HELLASWAG_DIR (default ~/.cache/gpt_moe/hellaswag), checked against its
 """
 
 import argparse
-import contextlib
 import hashlib
 import json
 import math
@@ -39,10 +38,10 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 if __package__:  # installed: these modules are the package gpt_moe
-    from .command_line import ArgumentParser, write_failed
+    from .command_line import ArgumentParser, replace_file, write_failed
     from .gpt2_tokenizer import get_tokenizer
 else:  # a script or module of a clone, whose root is on sys.path
-    from command_line import ArgumentParser, write_failed
+    from command_line import ArgumentParser, replace_file, write_failed
     from gpt2_tokenizer import get_tokenizer
 
 DATA_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -141,18 +140,12 @@ def download_val_file(path: Path) -> None:
             f"downloaded {DATA_URL} has sha256 {digest}, expected {VAL_SHA256}; nothing was written. "
             f"Put a copy of the original {VAL_FILE_NAME} at {path}, or pass --data_file PATH"
         )
-    # one temporary name per process, so that ranks downloading side by side do not collide
-    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial.write_bytes(data)
-        os.replace(partial, path)  # an interrupted download never takes the final name
+        replace_file(path, data)  # an interrupted write never takes the final name; ranks may download side by side
     except OSError as error:
         then = f"rerun, or set {DATA_DIR_ENV} to another folder"
         raise HellaSwagError(write_failed(path, error, "no partial file is left", then)) from None
-    finally:
-        with contextlib.suppress(OSError):  # in a read-only folder there is nothing to remove, and removing fails
-            partial.unlink(missing_ok=True)
 
 
 def load_examples(data_file: str | Path | None = None) -> list[dict]:
@@ -414,24 +407,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"hellaswag {args.style}: acc {result.acc:.4f} | acc_norm {result.acc_norm:.4f} | n {result.n}")
     if args.output_json:
         try:
-            write_json(Path(args.output_json), scores)
+            Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
+            replace_file(Path(args.output_json), json.dumps(scores, indent=2) + "\n")  # an earlier file stays whole
         except OSError as error:
             kept, then = "the scores are printed above", "rerun, or pass another --output_json"
             print(f"error: {write_failed(args.output_json, error, kept, then)}", file=sys.stderr)
             return 1
     return 0
-
-
-def write_json(path: Path, scores: dict) -> None:
-    """Write a temporary file and rename it over `path`: a write that fails leaves an earlier file whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    try:
-        temporary.write_text(json.dumps(scores, indent=2) + "\n")
-        os.replace(temporary, path)
-    finally:
-        with contextlib.suppress(OSError):  # in a read-only folder there is nothing to remove, and removing fails
-            temporary.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -37,12 +37,12 @@ import tiktoken
 from tqdm import tqdm
 
 if __package__:  # installed: these modules are the package gpt_moe
-    from .command_line import ArgumentParser, UsageError, write_failed
+    from .command_line import ArgumentParser, UsageError, replace_file, write_failed
     from .fineweb_shards import MAGIC, SHARD_SUFFIXES, VERSION, ShardError, open_shard, write_shard
     from .gpt2_tokenizer import EOT_ID, VOCAB_SHA256, VOCAB_SIZE, get_encoding
     from .text_sources import Source, close_parquet_files, source_from_args, source_from_record
 else:  # a script or module of a clone, whose root is on sys.path
-    from command_line import ArgumentParser, UsageError, write_failed
+    from command_line import ArgumentParser, UsageError, replace_file, write_failed
     from fineweb_shards import MAGIC, SHARD_SUFFIXES, VERSION, ShardError, open_shard, write_shard
     from gpt2_tokenizer import EOT_ID, VOCAB_SHA256, VOCAB_SIZE, get_encoding
     from text_sources import Source, close_parquet_files, source_from_args, source_from_record
@@ -292,9 +292,7 @@ def clear_for_writing(output_dir: Path, manifest: dict, overwrite: bool) -> None
 @reports_write_faults
 def write_manifest(output_dir: Path, manifest: dict) -> None:
     manifest["total_tokens"] = sum(s["tokens"] for s in manifest["shards"])
-    temporary = output_dir / (MANIFEST + ".tmp")
-    temporary.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(temporary, output_dir / MANIFEST)
+    replace_file(output_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
 
 def next_shard(position: int, settings: dict) -> tuple[str, int]:

@@ -17,7 +17,7 @@ import os
 import signal
 import sys
 import time
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import Literal
@@ -43,6 +43,7 @@ if __package__:  # installed: these modules are the package gpt_moe
         what_was_kept,
         write_together,
     )
+    from .command_line import replace_file
     from .configuration_gpt_moe import GPTMoEConfig
     from .cpu_memory import keep_freed_memory
     from .fineweb_shards import ShardError, ShardLoader, validation_loader
@@ -69,6 +70,7 @@ else:  # a script or module of a clone, whose root is on sys.path
         what_was_kept,
         write_together,
     )
+    from command_line import replace_file
     from configuration_gpt_moe import GPTMoEConfig
     from cpu_memory import keep_freed_memory
     from fineweb_shards import ShardError, ShardLoader, validation_loader
@@ -471,18 +473,6 @@ def records_before(path: Path, step: int) -> str:
     """The lines of log.txt or expert_load.jsonl that record steps before `step` ("" when it does not exist)."""
     lines = path.read_text().splitlines(True) if path.exists() else []
     return "".join(line for line in lines if record_step(line) < step)
-
-
-def replace_file(path: Path, text: str) -> None:
-    """Write a temporary file and rename it over `path`: a write that fails leaves the old file whole."""
-    temporary = path.with_name(path.name + ".tmp")
-    try:
-        temporary.write_text(text)
-        os.replace(temporary, path)
-    except OSError:
-        with suppress(OSError):  # in a read-only folder there is nothing to remove, and removing fails too
-            temporary.unlink(missing_ok=True)
-        raise
 
 
 def append_whole(path: Path, line: str) -> None:
